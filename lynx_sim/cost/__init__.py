@@ -1,0 +1,6 @@
+"""GPU cost model: hardware descriptions and the roofline of a decode step."""
+
+from .hardware import HardwareSpec
+from .roofline import Roofline, StepCost
+
+__all__ = ["HardwareSpec", "Roofline", "StepCost"]

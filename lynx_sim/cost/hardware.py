@@ -1,0 +1,56 @@
+"""A GPU's datasheet peaks and, separately named, the efficiency factors and fixed costs the
+roofline applies to them (`conf/hardware/*.yaml`). A calibration JSON written by the executor
+replaces the assumed factors with measured ones."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+CALIBRATED_FIELDS = ("bandwidth_efficiency", "flops_efficiency", "moe_layer_fixed_us",
+                     "attention_layer_fixed_us", "step_overhead_us")
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    name: str
+    hbm_bandwidth_gbps: float
+    bf16_tflops: float
+    fp8_tflops: float
+    memory_gib: float
+    interconnect_gbps: float
+    bandwidth_efficiency: float
+    flops_efficiency: float
+    moe_layer_fixed_us: float
+    attention_layer_fixed_us: float
+    step_overhead_us: float
+    calibrated_from: str | None = None
+
+    @classmethod
+    def from_cfg(cls, h) -> "HardwareSpec":
+        fields = {k: h[k] for k in cls.__dataclass_fields__ if k != "calibrated_from"}
+        spec = cls(**{k: (str(v) if k == "name" else float(v)) for k, v in fields.items()})
+        return spec.calibrated(h.get("calibration")) if h.get("calibration") else spec
+
+    def calibrated(self, path: str | Path) -> "HardwareSpec":
+        """Replace the assumed factors by those of a calibration JSON (keys: CALIBRATED_FIELDS)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: hardware calibration: expected a readable JSON file, found {e}") from None
+        unknown = sorted(set(data.get("factors", {})) - set(CALIBRATED_FIELDS))
+        if unknown:
+            raise ValueError(f"{path}: field 'factors': expected keys among {CALIBRATED_FIELDS}, found {unknown}")
+        return replace(self, **{k: float(v) for k, v in data.get("factors", {}).items()}, calibrated_from=str(path))
+
+    @property
+    def bandwidth_Bps(self) -> float:
+        """Achievable HBM bandwidth, bytes/s."""
+        return self.hbm_bandwidth_gbps * 1e9 * self.bandwidth_efficiency
+
+    def flops_per_s(self, weight_bytes: float) -> float:
+        """Achievable dense FLOP/s for weights of this width (fp8 tensor cores for 1-byte weights)."""
+        peak = self.fp8_tflops if weight_bytes <= 1 else self.bf16_tflops
+        return peak * 1e12 * self.flops_efficiency

@@ -1,0 +1,1 @@
+"""The discrete-event engine: closed-loop decode replay driven by simpy."""

@@ -1,0 +1,91 @@
+"""What a router is, and the model's own top-k routing from router logits.
+
+One place for the three router kinds of `../shared/LYNX.md` section 3, used by the synthetic
+generator (to derive ids and weights from the logits it draws) and by the policies (vanilla
+routing and Lynx's remapping). Ties always go to the lowest expert index (stable sort), the
+rule the Lynx plugin's repeated argmax follows, so results do not depend on the torch build.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ROUTER_KINDS = ("softmax", "grouped_topk", "sigmoid")
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """Router settings of one model. E = num_experts, k = top_k."""
+
+    num_experts: int
+    top_k: int
+    kind: str = "softmax"
+    renormalize: bool = True
+    n_group: int = 1  # grouped_topk: expert groups, and how many a token may use
+    topk_group: int = 1
+
+    def __post_init__(self):
+        if self.kind not in ROUTER_KINDS:
+            raise ValueError(f"router kind: expected one of {ROUTER_KINDS}, found {self.kind!r}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k: expected 1..num_experts={self.num_experts}, found {self.top_k}")
+        if self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"n_group={self.n_group}, topk_group={self.topk_group}: groups must divide "
+                             f"num_experts={self.num_experts} and 1 <= topk_group <= n_group")
+
+    @classmethod
+    def from_meta(cls, meta) -> "RouterSpec":
+        """From a trace's TraceMeta."""
+        return cls(meta.num_experts, meta.top_k, meta.router, meta.renormalize, meta.n_group, meta.topk_group)
+
+    @classmethod
+    def from_cfg(cls, moe) -> "RouterSpec":
+        """From the `moe` section of a `conf/model/*.yaml`."""
+        return cls(int(moe.num_experts), int(moe.top_k), str(moe.router), bool(moe.renormalize),
+                   int(moe.get("n_group", 1)), int(moe.get("topk_group", 1)))
+
+
+def topk_lowest_index(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k along the last dim, descending, ties to the lowest index: (values, indices)."""
+    values, order = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[..., :k], order[..., :k]
+
+
+def group_mask(scores: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+    """Grouped top-k: True for experts in the token's `topk_group` best groups (group score = max)."""
+    *lead, E = scores.shape
+    groups = scores.reshape(*lead, spec.n_group, E // spec.n_group).amax(-1)  # [..., G]
+    _, keep = topk_lowest_index(groups, spec.topk_group)
+    gmask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
+    return gmask.repeat_interleave(E // spec.n_group, dim=-1)
+
+
+def scores_from_logits(logits: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+    """The router's per-expert scores: softmax probabilities, or sigmoids for sigmoid routers."""
+    if spec.kind == "sigmoid":
+        return torch.sigmoid(logits)
+    return torch.softmax(logits, dim=-1)
+
+
+def route(logits: torch.Tensor, spec: RouterSpec, allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's top-k routing. logits: [..., E]; allowed: optional bool mask [..., E] (broadcast).
+
+    Returns ids [..., k] (int64, by falling score) and weights [..., k]. Softmax routers take
+    softmax probabilities (over the allowed experts when a mask is given), renormalised to sum 1
+    when the model does so; grouped routers first restrict each token to its best groups.
+    """
+    z = logits
+    if spec.kind == "grouped_topk":
+        gm = group_mask(torch.softmax(z, dim=-1), spec)
+        allowed = gm if allowed is None else (allowed & gm)
+    if allowed is not None:
+        z = z.masked_fill(~allowed, float("-inf"))
+    scores = scores_from_logits(z, spec)
+    if spec.kind == "sigmoid" and allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    w, ids = topk_lowest_index(scores, spec.top_k)
+    if spec.renormalize:
+        w = w / w.sum(-1, keepdim=True)
+    return ids, w

@@ -1,0 +1,121 @@
+"""Trace tool: `python -m lynx_sim.traces {convert,synth,stats} ...` (see `--help` of each).
+
+  convert SRC.npz DST.safetensors         import a reference trace (../shared/traces schema)
+  synth --model M [--requests N] DST      write a synthetic trace from conf/synth/M.yaml
+  stats PATH [--json] [--plot OUT.png]    union fraction, adjacent overlap, load CV, top-1 weight
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import TraceFormatError
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def _compose(model: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose("config", overrides=[f"model={model}", *overrides])
+
+
+def cmd_convert(a) -> int:
+    from .convert import convert
+
+    renorm = None if a.renormalize is None else a.renormalize == "true"
+    dst = convert(a.src, a.dst, router=a.router, renormalize=renorm)
+    print(f"wrote {dst}")
+    return 0
+
+
+def cmd_synth(a) -> int:
+    from ..model import ModelSpec
+    from .synth import SynthParams, SyntheticTrace
+    from .writer import write_trace
+
+    cfg = _compose(a.model, [f"synth.{kv}" for kv in a.set])
+    gen = SyntheticTrace(ModelSpec.from_cfg(cfg.model), SynthParams.from_cfg(cfg.synth), a.seed)
+    path = write_trace(a.dst, gen.to_arrays(a.requests), float_dtype=a.float_dtype)
+    print(f"wrote {path}: {a.requests} requests of model {a.model}, seed {a.seed}")
+    return 0
+
+
+def cmd_stats(a) -> int:
+    from .reader import open_trace
+    from .stats import trace_stats
+
+    path = Path(a.path)
+    with tempfile.TemporaryDirectory() as tmp:
+        if path.suffix == ".npz":  # a reference trace: import it first
+            from .convert import convert
+
+            path = convert(path, Path(tmp) / "imported.safetensors")
+        stats = trace_stats(open_trace(path), draws=a.draws, seed=a.seed)
+    stats["path"] = str(a.path)
+    if a.plot:
+        from .plot import plot_stats
+
+        plot_stats(stats, a.plot)
+    if a.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        print(f"{a.path}: {stats['model']}")
+        print(f"  E={stats['num_experts']} k={stats['top_k']} L={stats['num_layers']}  {stats['num_tokens']} "
+              f"{stats['tokens_used']} tokens in {stats['num_sequences']} sequences")
+        print("  union fraction  " + "  ".join(f"B={b}: {v:.3f}" for b, v in stats["union_fraction"].items()))
+        print("  (uniform null)  " + "  ".join(f"B={b}: {v:.3f}" for b, v in stats["union_fraction_null"].items()))
+        ov = stats["adjacent_overlap"]
+        print(f"  adjacent overlap {ov['mean']:.3f} (chance {ov['chance']:.3f}, {ov['pairs']} pairs)")
+        print(f"  load CV median  {stats['load_cv']['median']:.3f}")
+        if "top1_weight_mean" in stats:
+            print(f"  top-1 weight share mean {stats['top1_weight_mean']:.3f}")
+        if a.plot:
+            print(f"  plot: {a.plot}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lynx_sim.traces", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("convert", help="import a reference .npz trace into the native format")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--router", choices=["softmax", "grouped_topk", "sigmoid"], help="for models the importer does not know")
+    c.add_argument("--renormalize", choices=["true", "false"], help="for models the importer does not know")
+    c.set_defaults(fn=cmd_convert)
+    s = sub.add_parser("synth", help="write a synthetic trace with full router logits")
+    s.add_argument("dst")
+    s.add_argument("--model", default="qwen3_30b_a3b", help="a name in conf/model/ (its preset is conf/synth/<name>.yaml)")
+    s.add_argument("--requests", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--float-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset value")
+    s.set_defaults(fn=cmd_synth)
+    t = sub.add_parser("stats", help="routing statistics of a native or reference trace")
+    t.add_argument("path")
+    t.add_argument("--json", action="store_true", help="print JSON")
+    t.add_argument("--plot", metavar="PNG", help="also draw the statistics")
+    t.add_argument("--draws", type=int, default=400, help="random batches per batch size for union_fraction")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(fn=cmd_stats)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    try:
+        return a.fn(a)
+    except (TraceFormatError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Open a native trace: header and metadata checked at once, data streamed from the memory map.
+
+Per-token bookkeeping columns (request id, position, phase, arrival: 9-17 bytes a token) are
+loaded; the routing tensors (ids, weights, logits) are read by row range on demand, so replaying
+or validating a trace larger than RAM keeps memory flat.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from .errors import TraceFormatError
+from .format import FIELDS, FORMAT_NAME, FORMAT_VERSION, TraceMeta
+from .validate import check_routing_block, check_shape, check_token_columns
+
+DEFAULT_CHUNK_TOKENS = 16384
+
+
+class Trace:
+    """A read-only view of one trace file. Use `read(name, start, stop)` for routing tensors."""
+
+    def __init__(self, path: str | Path, validate: bool = True, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+        self.path = Path(path)
+        file = str(self.path)
+        if not self.path.is_file():
+            raise TraceFormatError(file, "file", "an existing trace file", "no such file")
+        try:
+            self._f = safe_open(file, framework="pt")
+            header = self._f.metadata() or {}
+        except Exception as e:  # safetensors raises its own error type for truncated or foreign bytes
+            raise TraceFormatError(file, "file", "a safetensors trace file",
+                                   f"unreadable bytes, truncated or not a trace ({e})") from None
+        if header.get("format") != FORMAT_NAME:
+            raise TraceFormatError(file, "format", f"'{FORMAT_NAME}' in the safetensors header",
+                                   repr(header.get("format")))
+        if header.get("format_version") != str(FORMAT_VERSION):
+            raise TraceFormatError(file, "format_version", f"{FORMAT_VERSION} (this reader)",
+                                   repr(header.get("format_version")))
+        self.meta = TraceMeta.from_json(header.get("meta", ""), file)
+        self._check_header(file)
+        self.request_id = self.read("request_id")
+        self.position = self.read("position")
+        self.phase = self.read("phase")
+        self.arrival_s = self.read("arrival_s") if "arrival_s" in self.fields else None
+        check_token_columns(file, self.request_id, self.position, self.phase, self.arrival_s)
+        starts = np.flatnonzero(np.r_[True, self.request_id[1:] != self.request_id[:-1]])
+        self.request_offsets = np.r_[starts, self.num_tokens].astype(np.int64)  # [R + 1]
+        if validate:
+            self.validate_data(chunk_tokens)
+
+    def _check_header(self, file: str) -> None:
+        self.fields = set(self._f.keys())
+        unknown = sorted(self.fields - set(FIELDS))
+        if unknown:
+            raise TraceFormatError(file, "tensors", f"names among {sorted(FIELDS)}", f"unknown {unknown}")
+        ids_shape = self._f.get_slice("ids").get_shape() if "ids" in self.fields else None
+        if ids_shape is None or len(ids_shape) != 3:
+            raise TraceFormatError(file, "ids", "a tensor [N, L, k]", "nothing" if ids_shape is None else f"shape {ids_shape}")
+        self.num_tokens = int(ids_shape[0])
+        sizes = {"N": self.num_tokens, "L": self.meta.num_layers, "k": self.meta.top_k, "E": self.meta.num_experts}
+        for name, (dtypes, symbols, required) in FIELDS.items():
+            if name not in self.fields:
+                if required:
+                    raise TraceFormatError(file, name, "a tensor in the file", "nothing")
+                continue
+            sl = self._f.get_slice(name)
+            if sl.get_dtype() not in dtypes:
+                raise TraceFormatError(file, name, f"dtype {' or '.join(dtypes)}", sl.get_dtype())
+            check_shape(file, name, tuple(sl.get_shape()), tuple(sizes[s] for s in symbols), symbols)
+
+    @property
+    def num_layers(self) -> int:
+        return self.meta.num_layers
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.request_offsets) - 1
+
+    def has(self, name: str) -> bool:
+        return name in self.fields
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of one tensor as numpy: floats as float32 (float64 for arrival_s), ids as int64."""
+        if name not in self.fields:
+            raise KeyError(f"{self.path}: trace has no '{name}' tensor (fields: {sorted(self.fields)})")
+        t = self._f.get_slice(name)[start:stop]
+        if t.dtype in (torch.float16, torch.bfloat16):
+            t = t.float()
+        elif name == "ids":
+            t = t.long()
+        return t.numpy()
+
+    def iter_blocks(self, names: tuple[str, ...], chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Iterator[tuple[int, dict]]:
+        """Yield (first_row, {name: rows}) over the whole trace, `chunk_tokens` rows at a time."""
+        for a in range(0, self.num_tokens, chunk_tokens):
+            b = min(a + chunk_tokens, self.num_tokens)
+            yield a, {n: self.read(n, a, b) for n in names if self.has(n)}
+
+    def validate_data(self, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
+        """Stream every routing tensor through the format's data checks."""
+        for row0, block in self.iter_blocks(("ids", "weights", "logits"), chunk_tokens):
+            check_routing_block(str(self.path), self.meta, row0, block["ids"], block.get("weights"), block.get("logits"))
+
+
+def open_trace(path: str | Path, validate: bool = True) -> Trace:
+    """Open and (by default) fully validate a native trace file."""
+    return Trace(path, validate=validate)

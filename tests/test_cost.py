@@ -1,0 +1,97 @@
+"""The roofline against hand arithmetic, and the facts it must reproduce (LYNX.md section 1)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR
+from lynx_sim.cost import HardwareSpec, Roofline
+from lynx_sim.model import ModelSpec
+
+
+def load(model="mixtral_8x7b", hw="h100_sxm"):
+    m = ModelSpec.from_cfg(OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml"))
+    h = HardwareSpec.from_cfg(OmegaConf.load(CONF_DIR / "hardware" / f"{hw}.yaml"))
+    return m, h, Roofline(m, h)
+
+
+def test_model_byte_counts():
+    m, _, _ = load()
+    assert m.expert_params == 3 * 4096 * 14336
+    assert m.expert_bytes == 2 * 3 * 4096 * 14336
+    assert m.moe_layers == tuple(range(32))
+    ds = load("deepseek_v2_lite")[0]
+    assert ds.moe_layers == tuple(range(1, 27)) and ds.num_moe_layers == 26
+    assert ds.shared_expert_bytes == 3 * 2048 * 2816 * 2
+    ll = load("llama4_maverick")[0]
+    assert ll.moe_layers == tuple(range(1, 48, 2)) and ll.num_moe_layers == 24
+
+
+def test_moe_layer_hand_arithmetic():
+    m, h, r = load()
+    counts = np.zeros((1, 8), dtype=np.int64)
+    counts[0, [0, 3, 5]] = [10, 4, 2]  # 16 assignments = 8 tokens x k=2, 3 distinct experts
+    bw = 3350e9 * 0.85
+    bytes_ = 3 * m.expert_bytes + 4096 * 8 * 2
+    flops = 2 * m.expert_params * 16 + 2 * 4096 * 8 * 8
+    expect = max(bytes_ / bw, flops / (989.4e12 * 0.70)) + 12e-6
+    assert r.moe_layers_s(counts)[0] == pytest.approx(expect, rel=1e-12)
+    assert bytes_ / bw > flops / (989.4e12 * 0.70), "decode at B=8 is memory-bound"
+
+
+def test_decode_moe_time_linear_in_distinct_experts():
+    """Memory-bound decode: each extra distinct expert costs exactly expert_bytes / bandwidth."""
+    m, h, r = load("qwen3_30b_a3b")
+    times = []
+    for d in range(8, 129, 8):
+        counts = np.zeros((1, 128), dtype=np.int64)
+        counts[0, :d] = 1
+        counts[0, 0] += 64 * 8 - d  # the same 64 tokens x k=8 assignments, spread over d experts
+        times.append(r.moe_layers_s(counts)[0])
+    steps = np.diff(times)
+    np.testing.assert_allclose(steps, 8 * m.expert_bytes / h.bandwidth_Bps, rtol=1e-9)
+
+
+def test_prefill_sized_batches_are_flat_in_distinct_experts():
+    """Compute-bound (8k tokens): the MoE time barely moves with the number of distinct experts."""
+    _, _, r = load("qwen3_30b_a3b")
+    tokens = 8192 * 8
+    few = np.zeros((1, 128), dtype=np.int64)
+    few[0, :32] = tokens // 32
+    many = np.full((1, 128), tokens // 128, dtype=np.int64)
+    assert r.moe_layers_s(many)[0] / r.moe_layers_s(few)[0] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_step_components_and_attention_grows_with_context():
+    _, _, r = load()
+    counts = np.zeros((32, 8), dtype=np.int64)
+    counts[:, :4] = 8
+    short, long = r.step(16, 16 * 100, counts), r.step(16, 16 * 4000, counts)
+    assert long.attention_s > short.attention_s
+    assert short.total_s == pytest.approx(short.attention_s + short.dense_ffn_s + short.moe_s + short.lm_head_s + 300e-6)
+    assert short.dense_ffn_s == 0.0  # Mixtral: every layer is MoE
+    assert load("deepseek_v2_lite")[2].dense_ffn_s(16) > 0  # its first layer is dense
+
+
+def test_mla_caches_the_latent():
+    _, _, r = load("deepseek_v2_lite")
+    assert r.kv_bytes_per_token() == (512 + 64) * 2
+    _, _, g = load("qwen3_30b_a3b")
+    assert g.kv_bytes_per_token() == 2 * 4 * 128 * 2
+
+
+def test_calibration_file_overrides_assumed_factors(tmp_path):
+    _, h, _ = load()
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps({"device": "test", "factors": {"bandwidth_efficiency": 0.9, "moe_layer_fixed_us": 20}}))
+    c = h.calibrated(path)
+    assert c.bandwidth_efficiency == 0.9 and c.moe_layer_fixed_us == 20 and c.calibrated_from == str(path)
+    path.write_text(json.dumps({"factors": {"warp_speed": 9}}))
+    with pytest.raises(ValueError, match="warp_speed"):
+        h.calibrated(path)
+    with pytest.raises(ValueError, match="readable JSON"):
+        h.calibrated(tmp_path / "absent.json")

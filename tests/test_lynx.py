@@ -1,0 +1,193 @@
+"""Lynx (LYNX.md section 3) against a plain float64 reference, and its stated properties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lynx_sim.policies import BatchRouting, PolicyInputError
+from lynx_sim.policies.lynx import Lynx
+from lynx_sim.policies.vanilla import Vanilla
+from lynx_sim.routing import RouterSpec, route
+from reference_lynx import lexicographic_picks, lynx_reference
+
+
+def make_batch(Z: torch.Tensor, spec: RouterSpec, decode=None) -> BatchRouting:
+    ids, w = route(Z, spec)
+    return BatchRouting(ids, w, Z, decode=decode)
+
+
+def random_logits(seed, L, B, E, scale=2.0, quantum=None, dtype=torch.float64):
+    g = np.random.default_rng(seed)
+    z = g.normal(size=(L, B, E)) * scale
+    if quantum:  # coarse logits create ties in bins and keys
+        z = np.round(z / quantum) * quantum
+    return torch.from_numpy(z).to(dtype)
+
+
+case = st.fixed_dictionaries({
+    "seed": st.integers(0, 10**6), "L": st.integers(1, 3), "B": st.integers(1, 40), "E": st.integers(2, 40),
+    "kfrac": st.floats(0, 1), "alpha": st.sampled_from([0.5, 0.7, 1.0, 3.0]), "beta": st.integers(0, 4),
+    "renorm": st.booleans(), "quantum": st.sampled_from([None, 0.25, 0.5]),
+})
+
+
+def _k(c):
+    return 1 + int(c["kfrac"] * (min(c["E"], 8) - 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(case)
+def test_float64_matches_reference(c):
+    k = _k(c)
+    spec = RouterSpec(c["E"], k, "softmax", c["renorm"])
+    Z = random_logits(c["seed"], c["L"], c["B"], c["E"], quantum=c["quantum"])
+    pol = Lynx(spec, c["alpha"], c["beta"], arithmetic="float64")
+    sel = pol.select(make_batch(Z, spec))
+    keep = pol.keep_mask(Z)
+    for l in range(c["L"]):
+        ids, w, kept = lynx_reference(Z[l].numpy(), k, c["alpha"], c["beta"], c["renorm"])
+        np.testing.assert_array_equal(sel.ids[l].numpy(), ids)
+        np.testing.assert_allclose(sel.weights[l].numpy(), w, rtol=1e-5, atol=1e-7)
+        assert torch.nonzero(keep[l]).flatten().tolist() == kept
+
+
+@settings(max_examples=60, deadline=None)
+@given(case)
+def test_invariants(c):
+    k = _k(c)
+    spec = RouterSpec(c["E"], k, "softmax", c["renorm"])
+    Z = random_logits(c["seed"], c["L"], c["B"], c["E"], quantum=c["quantum"], dtype=torch.float32)
+    pol = Lynx(spec, c["alpha"], c["beta"])  # float32, as the plugin
+    sel = pol.select(make_batch(Z, spec))
+    keep = pol.keep_mask(Z)
+    B, E = c["B"], c["E"]
+    ids = sel.ids
+    assert ids.shape == (c["L"], B, k)
+    assert (torch.sort(ids, -1).values.diff(dim=-1) > 0).all(), "ids must be k distinct experts"
+    assert keep.gather(1, ids.reshape(c["L"], -1)).all(), "every id must be in KEEP"
+    size = keep.sum(-1)
+    assert (size >= k).all() and (size <= min(E, B * k)).all()
+    assert torch.equal(sel.fidelity.distinct_experts, (sel.fidelity.expert_tokens > 0).sum(-1))
+    assert (sel.fidelity.distinct_experts <= size).all()
+    sums = sel.weights.double().sum(-1)
+    if c["renorm"]:
+        torch.testing.assert_close(sums, torch.ones_like(sums), rtol=1e-5, atol=1e-5)
+    else:
+        mass = torch.softmax(Z.double(), -1).topk(k, -1).values.sum(-1)
+        torch.testing.assert_close(sums, mass, rtol=1e-5, atol=1e-5)
+    assert (sel.weights > 0).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10**6), st.integers(1, 12), st.integers(2, 12), st.sampled_from([0.7, 1.0, 3.0]), st.integers(0, 3))
+def test_float64_key_is_lexicographic(seed, B, E, alpha, beta):
+    k = min(2, E)
+    Z = random_logits(seed, 1, B, E, scale=1.5, quantum=0.5)
+    pol = Lynx(RouterSpec(E, k), alpha, beta, arithmetic="float64")
+    expected = lexicographic_picks(Z[0].numpy(), k, alpha, beta)
+    keep = set(e for p in expected for e in p)
+    assert set(torch.nonzero(pol.keep_mask(Z)[0]).flatten().tolist()) == keep
+
+
+def test_float32_can_drop_deep_levels_float64_cannot():
+    """LYNX.md: float32 keys lose the deepest popularity levels at large B; float64 keeps them.
+
+    Token 0 must choose between experts 0 and 1, both in its own bin -3, both in bin 0 of token 1;
+    only token 2 separates them, with expert 1 in its bin -3 (weight B**-3, far below float32's
+    resolution of a key near -3)."""
+    B, E = 64, 4
+    spec = RouterSpec(E, 2)
+    Z = torch.full((1, B, E), -100.0)
+    Z[0, :, 2] = 0.0  # every other token's top expert: 2
+    Z[0, 0] = torch.tensor([-3.0, -3.0, -100.0, 0.0])
+    Z[0, 1] = torch.tensor([0.0, 0.0, -100.0, -100.0])
+    Z[0, 2, 1] = -3.0
+    p32, p64 = Lynx(spec, 1.0, 4, "float32"), Lynx(spec, 1.0, 4, "float64")
+    k32 = p32.keys(Z)[0][0, 0]
+    assert k32[0] == k32[1], "float32 cannot see the bin -3 difference"
+    assert p32.picks(Z)[0, 0].tolist() == [3, 0]  # tie -> lowest index
+    assert p64.picks(Z)[0, 0].tolist() == [3, 1]  # exact: token 2's bin -3 vote decides
+    assert lexicographic_picks(Z[0].double().numpy(), 2, 1.0, 4)[0] == [3, 1]
+
+
+def test_batch_one_tie_falls_to_lowest_index():
+    """B = 1: popularity is 0, so inside bin 0 the lowest index wins and the true top-1 can be lost."""
+    spec = RouterSpec(8, 1)
+    Z = torch.full((1, 1, 8), -5.0, dtype=torch.float64)
+    Z[0, 0, 5] = 1.0  # true top-1
+    Z[0, 0, 2] = 0.5  # gap -0.5: ceil(0.7 * -0.5) = 0, the same bin as the top-1
+    batch = make_batch(Z, spec)
+    plugin = Lynx(spec, 0.7, 1).select(batch)
+    assert plugin.ids.item() == 2 and plugin.fidelity.top1_retention.item() == 0.0
+    own = Lynx(spec, 0.7, 1, tie_break="own_logit").select(batch)
+    assert own.ids.item() == 5 and own.fidelity.top1_retention.item() == 1.0
+    wide = Lynx(spec, 3.0, 1).select(batch)  # alpha 3: bin(-0.5) = ceil(-1.5) = -1, no tie
+    assert wide.ids.item() == 5
+
+
+def test_shared_experts_shrink_the_union():
+    """Token 0's second choice sits in a bin with an expert token 1 uses: popularity moves it there."""
+    spec = RouterSpec(4, 2)
+    Z = torch.tensor([[[0.0, -1.5, -1.2, -9.0], [-0.3, 0.0, -9.0, -9.0]]], dtype=torch.float64)
+    sel = Lynx(spec, 1.0, 2, arithmetic="float64").select(make_batch(Z, spec))
+    van = Vanilla(spec).select(make_batch(Z, spec))
+    assert van.fidelity.distinct_experts.item() == 3
+    assert sel.fidelity.distinct_experts.item() == 2
+    assert set(sel.ids.flatten().tolist()) == {0, 1}
+    assert sel.ids[0, 0].tolist() == [0, 1] and sel.fidelity.top1_retention.item() == 1.0
+
+
+def test_prefill_in_batch_means_plain_topk():
+    spec = RouterSpec(16, 4)
+    Z = random_logits(3, 2, 8, 16)
+    decode = torch.ones(8, dtype=torch.bool)
+    decode[3] = False
+    batch = make_batch(Z, spec, decode)
+    sel = Lynx(spec, 1.0, 2).select(batch)
+    assert not sel.acted and torch.equal(sel.ids, batch.ids) and torch.equal(sel.weights, batch.weights)
+    batch.decode[:] = True
+    assert Lynx(spec, 1.0, 2).select(batch).acted
+
+
+@settings(max_examples=30, deadline=None)
+@given(case)
+def test_vanilla_is_identity(c):
+    k = _k(c)
+    spec = RouterSpec(c["E"], k, "softmax", c["renorm"])
+    batch = make_batch(random_logits(c["seed"], c["L"], c["B"], c["E"]), spec)
+    sel = Vanilla(spec).select(batch)
+    assert torch.equal(sel.ids, batch.ids) and torch.equal(sel.weights, batch.weights)
+    assert (sel.fidelity.top1_retention == 1).all() and (sel.fidelity.gate_mass_retained == 1).all()
+
+
+def test_sigmoid_router_bins_without_floor():
+    spec = RouterSpec(8, 1, "sigmoid", renormalize=False)
+    pol = Lynx(spec, 1.0, 5)
+    assert pol.beta is None
+    Z = random_logits(1, 2, 6, 8, dtype=torch.float32)
+    sel = pol.select(make_batch(Z, spec))
+    torch.testing.assert_close(sel.weights, torch.sigmoid(Z.gather(-1, sel.ids)))
+
+
+def test_bad_parameters_and_missing_logits():
+    spec = RouterSpec(8, 2)
+    with pytest.raises(ValueError, match="alpha"):
+        Lynx(spec, 0.0, 1)
+    with pytest.raises(ValueError, match="beta"):
+        Lynx(spec, 1.0, None)
+    with pytest.raises(ValueError, match="arithmetic"):
+        Lynx(spec, 1.0, 1, arithmetic="float16")
+    with pytest.raises(ValueError, match="grouped"):
+        Lynx(RouterSpec(8, 2, "grouped_topk", n_group=2, topk_group=1), 1.0, 1)
+    with pytest.raises(ValueError, match="2\\*\\*53"):
+        Lynx(spec, 1.0, 8, arithmetic="float64").keys(torch.zeros(1, 100, 8))
+    Z = random_logits(0, 1, 4, 8)
+    ids, w = route(Z, spec)
+    with pytest.raises(PolicyInputError, match="needs router logits"):
+        Lynx(spec, 1.0, 1).select(BatchRouting(ids, w, None))
+    with pytest.raises(PolicyInputError, match="logits: expected"):
+        Lynx(spec, 1.0, 1).select(BatchRouting(ids, w, Z[..., :5]))

@@ -1,0 +1,90 @@
+"""The default run end to end: run(cfg) on composed configs, its outputs, and its errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, compose_cfg, reference_trace
+from lynx_sim.policies import PolicyInputError
+from lynx_sim.run import run
+from lynx_sim.traces import TraceFormatError
+from lynx_sim.traces.convert import convert
+
+SUMMARY_KEYS = {"policy", "batch", "model", "hardware", "trace", "seed", "policy_params", "steps", "speedup",
+                "step_time_ms", "moe_time_ms", "moe_speedup", "distinct_experts", "top1_retention",
+                "gate_mass_retained", "policy_acted_fraction", "per_layer", "simulated_s", "wall_s", "exact",
+                "approximations"}
+
+
+def without_wall(s):
+    return {k: v for k, v in s.items() if k != "wall_s"}
+
+
+def test_default_lynx_run(tmp_path):
+    cfg = compose_cfg(["workload.steps=30"])
+    s = run(cfg, tmp_path, quiet=True)
+    assert set(s) == SUMMARY_KEYS
+    assert (s["policy"], s["batch"], s["model"], s["hardware"], s["trace"]) == ("lynx", 64, "qwen3_30b_a3b", "h100_sxm", "synth:qwen3_30b_a3b")
+    assert s["policy_params"] == {"alpha": 3.0, "beta": 2, "arithmetic": "float32", "tie_break": "lowest_index"}
+    assert s["distinct_experts"]["policy"] < s["distinct_experts"]["vanilla"] <= 128
+    assert s["speedup"] > 1.0 and s["moe_speedup"] > s["speedup"]
+    assert 0.9 <= s["top1_retention"] <= 1.0 and 0.5 < s["gate_mass_retained"] < 1.0
+    assert s["exact"] and s["steps"] == 30 and s["policy_acted_fraction"] == 1.0
+    assert len(s["per_layer"]["distinct_experts"]["policy"]) == 48
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == s
+    lines = (tmp_path / "steps.csv").read_text().splitlines()
+    assert len(lines) == 31 and lines[0].startswith("step,sim_time_ms,batch")
+
+
+def test_same_seed_same_result_and_seed_matters():
+    cfg = compose_cfg(["workload.steps=8", "batch=16"])
+    a, b = run(cfg, quiet=True), run(cfg, quiet=True)
+    assert without_wall(a) == without_wall(b)
+    c = run(compose_cfg(["workload.steps=8", "batch=16", "seed=1"]), quiet=True)
+    assert c["step_time_ms"] != a["step_time_ms"]
+
+
+def test_vanilla_run_is_its_own_baseline():
+    s = run(compose_cfg(["policy=vanilla", "workload.steps=5", "batch=8"]), quiet=True)
+    assert s["speedup"] == 1.0 and s["top1_retention"] == 1.0 and s["gate_mass_retained"] == 1.0
+    assert s["distinct_experts"]["policy"] == s["distinct_experts"]["vanilla"]
+
+
+def test_speedup_grows_then_shrinks_with_batch():
+    """LYNX.md section 4's shape on the default model: little to share at B = 1, most at moderate B."""
+    sp = {B: run(compose_cfg([f"batch={B}", "workload.steps=10"]), quiet=True)["speedup"] for B in (1, 16)}
+    assert sp[16] > sp[1]
+
+
+@pytest.mark.shared
+def test_reference_trace_replay(tmp_path):
+    path = convert(reference_trace("mixtral"), tmp_path / "mix.safetensors")
+    over = ["trace=file", f"trace.path={path}", "model=mixtral_8x7b", "batch=16", "workload.steps=20"]
+    s = run(compose_cfg(over + ["policy=vanilla"]), quiet=True)
+    assert s["trace"] == "file:mix.safetensors" and not s["exact"]
+    assert any("random token offset" in a for a in s["approximations"])
+    assert 7.0 < s["distinct_experts"]["vanilla"] <= 8.0  # union fraction 0.98 at B = 16
+    with pytest.raises(PolicyInputError, match="needs router logits"):
+        run(compose_cfg(over + ["policy=lynx"]), quiet=True)
+    with pytest.raises(TraceFormatError, match="num_experts"):
+        run(compose_cfg(over[:2] + ["model=qwen3_30b_a3b", "policy=vanilla"]), quiet=True)
+
+
+def test_file_trace_needs_a_path():
+    with pytest.raises(ValueError, match="trace.path"):
+        run(compose_cfg(["trace=file"]), quiet=True)
+
+
+def test_hydra_entry_point(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "lynx_sim", "policy=lynx", "batch=4", "workload.steps=3",
+                          f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "speedup" in out.stdout and (tmp_path / "summary.json").is_file()
+    bad = subprocess.run([sys.executable, "-m", "lynx_sim", "policy=nonexistent", f"hydra.run.dir={tmp_path}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "nonexistent" in bad.stderr

@@ -1,0 +1,86 @@
+"""`python -m lynx_sim.traces`: convert and describe the three reference traces."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import reference_trace
+from lynx_sim.traces import open_trace
+from lynx_sim.traces.__main__ import main
+from lynx_sim.traces.convert import reference_to_arrays
+
+# ../shared/traces/README.md, "What they show"
+EXPECTED = {
+    "mixtral": dict(E=8, k=2, L=32, N=577, R=4, used="decode", union={"1": 0.25, "8": 0.88, "16": 0.98},
+                    overlap=0.37, cv=0.2, top1=0.71, missing={"logits", "arrival_s", "prompt_tokens"}),
+    "deepseek": dict(E=64, k=6, L=26, N=192023, R=1999, used="all", union={"1": 0.09, "8": 0.51, "16": 0.74, "32": 0.91},
+                     overlap=0.26, cv=0.2, top1=None, missing={"logits", "arrival_s", "weights"}),
+    "llama4": dict(E=128, k=1, L=24, N=34517, R=235, used="decode", union={"8": 0.05, "16": 0.09, "64": 0.24},
+                   overlap=None, cv=2.0, top1=None, missing={"logits", "arrival_s", "weights"}),
+}
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_convert_and_stats(tmp_path, capsys, name):
+    exp = EXPECTED[name]
+    src = reference_trace(name)
+    dst = tmp_path / f"{name}.safetensors"
+    assert main(["convert", str(src), str(dst)]) == 0
+    tr = open_trace(dst)
+    m = tr.meta
+    assert (m.num_experts, m.top_k, m.num_layers, tr.num_tokens, tr.num_requests) == (exp["E"], exp["k"], exp["L"], exp["N"], exp["R"])
+    assert set(m.missing) == exp["missing"]
+    raw = np.load(src, allow_pickle=False)
+    np.testing.assert_array_equal(tr.read("ids"), raw["ids"])
+    capsys.readouterr()
+    png = tmp_path / "stats.png"
+    assert main(["stats", str(dst), "--json", "--draws", "200", "--plot", str(png)]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["tokens_used"] == exp["used"] and png.stat().st_size > 10_000
+    for B, v in exp["union"].items():
+        assert s["union_fraction"][B] == pytest.approx(v, abs=0.015), B
+    assert set(s["union_fraction"]) == {"1", "2", "4", "8", "16", "32", "64", "128"}
+    if exp["overlap"] is not None:
+        assert s["adjacent_overlap"]["mean"] == pytest.approx(exp["overlap"], abs=0.01)
+    assert s["load_cv"]["median"] == pytest.approx(exp["cv"], rel=0.25)
+    assert len(s["load_cv"]["per_layer"]) == exp["L"]
+    if exp["top1"] is not None:
+        assert s["top1_weight_mean"] == pytest.approx(exp["top1"], abs=0.01)
+    else:
+        assert "top1_weight_mean" not in s
+
+
+@pytest.mark.shared
+def test_stats_reads_reference_npz_directly(capsys):
+    assert main(["stats", str(reference_trace("mixtral")), "--draws", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "union fraction" in out and "top-1 weight share mean 0.70" in out
+
+
+def test_bad_reference_file_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, ids=np.zeros((3, 2, 1), dtype=np.int16))
+    assert main(["convert", str(bad), str(tmp_path / "out.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.npz" in err and "seq_offsets" in err
+    obj = tmp_path / "pickled.npz"
+    np.savez(obj, ids=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(Exception, match="pickled|unreadable"):
+        reference_to_arrays(obj)
+    assert main(["stats", str(tmp_path / "nothing.safetensors")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_unknown_model_needs_router_settings(tmp_path):
+    path = tmp_path / "x.npz"
+    ids = np.array([[[0, 1]], [[1, 2]]], dtype=np.int16)
+    meta = json.dumps({"model": "acme/Unknown-MoE", "num_experts": 4, "top_k": 2})
+    np.savez(path, ids=ids, seq_offsets=np.array([0, 2]), phase=np.ones(2, np.int8), layers=np.array([0], np.int16), meta=np.array(meta))
+    with pytest.raises(ValueError, match="--router"):
+        reference_to_arrays(path)
+    a = reference_to_arrays(path, router="softmax", renormalize=False)
+    assert a.meta.router == "softmax" and not a.meta.renormalize and not a.meta.ids_ordered
