@@ -48,9 +48,24 @@ class RouterSpec:
 
 
 def topk_lowest_index(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k along the last dim, descending, ties to the lowest index: (values, indices)."""
-    values, order = torch.sort(scores, dim=-1, descending=True, stable=True)
-    return values[..., :k], order[..., :k]
+    """Top-k along the last dim, descending, ties to the lowest index: (values, indices).
+
+    Fast path: torch.topk of k+1, whose order among equal values is unspecified; only rows with
+    a tie among those k+1 values (the only rows where that order can matter) are redone with a
+    stable sort, which orders equal values by index.
+    """
+    E = scores.shape[-1]
+    if k >= E:
+        values, order = torch.sort(scores, dim=-1, descending=True, stable=True)
+        return values[..., :k], order[..., :k]
+    values, idx = torch.topk(scores, k + 1, dim=-1, sorted=True)
+    tie = (values[..., 1:] == values[..., :-1]).any(-1)
+    values, idx = values[..., :k], idx[..., :k]
+    if tie.any():
+        v2, o2 = torch.sort(scores[tie], dim=-1, descending=True, stable=True)
+        values, idx = values.clone(), idx.clone()
+        values[tie], idx[tie] = v2[..., :k], o2[..., :k]
+    return values, idx
 
 
 def group_mask(scores: torch.Tensor, spec: RouterSpec) -> torch.Tensor:

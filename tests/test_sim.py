@@ -88,3 +88,59 @@ def test_hydra_entry_point(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "lynx_sim", "policy=nonexistent", f"hydra.run.dir={tmp_path}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "nonexistent" in bad.stderr
+
+
+def test_file_replay_reads_one_request_at_a_time(tmp_path, monkeypatch):
+    """Flat memory: after opening, the replay reads routing rows request by request, never the whole tensor."""
+    from conftest import small_arrays
+    from lynx_sim.traces import write_trace
+    from lynx_sim.traces.reader import Trace
+
+    a = small_arrays(E=8, k=2, L=32, lengths=(40,) * 30)
+    a.meta = a.meta.__class__(**{**a.meta.__dict__, "model": "mixtral-like"})
+    path = write_trace(tmp_path / "t.safetensors", a)
+    spans = []
+    real_read = Trace.read
+
+    def spy(self, name, start=0, stop=None):
+        if name in ("ids", "weights", "logits"):
+            spans.append((stop if stop is not None else self.num_tokens) - start)
+        return real_read(self, name, start, stop)
+
+    monkeypatch.setattr(Trace, "read", spy)
+    cfg = compose_cfg(["trace=file", f"trace.path={path}", "model=mixtral_8x7b", "batch=4", "workload.steps=50"])
+    run(cfg, quiet=True)
+    validation = [s for s in spans if s == 1200]
+    replay = spans[len(validation):]
+    assert replay and max(replay) == 40, "the replay must read one request's rows at a time"
+
+
+GOLDEN = ROOT / "tests" / "golden" / "lynx_qwen3_b8_12steps.json"
+
+
+def test_golden_summary():
+    """A seeded run reproduces its recorded summary to 1e-9 (tests/golden/README.md says how to
+    regenerate it, deliberately, when the generator, a policy or the cost model changes)."""
+    s = json.loads(json.dumps(without_wall(run(compose_cfg(["workload.steps=12", "batch=8"]), quiet=True))))
+    _close(s, json.loads(GOLDEN.read_text()))
+
+
+def _close(a, b, path="summary"):
+    if isinstance(b, dict):
+        assert set(a) == set(b), path
+        return all(_close(a[k], b[k], f"{path}.{k}") for k in b)
+    if isinstance(b, list):
+        assert len(a) == len(b), path
+        return all(_close(x, y, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b)))
+    if isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12), path
+        return True
+    assert a == b, path
+    return True
+
+
+def test_committed_sample_replays_with_lynx():
+    path = ROOT / "traces" / "samples" / "mixtral_8x7b_synth_small.safetensors"
+    s = run(compose_cfg(["trace=file", f"trace.path={path}", "model=mixtral_8x7b", "batch=4", "workload.steps=10"]), quiet=True)
+    assert s["exact"] and s["trace"] == "file:mixtral_8x7b_synth_small.safetensors"
+    assert s["distinct_experts"]["policy"] <= s["distinct_experts"]["vanilla"]
