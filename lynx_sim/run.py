@@ -17,6 +17,7 @@ from .engine.simulator import simulate
 from .metrics.recorder import StepRecorder
 from .model import ModelSpec
 from .policies import build_policy
+from .policies.calibration import Calibration
 from .policies.vanilla import Vanilla
 from .traces.source import build_source
 
@@ -29,13 +30,20 @@ def run(cfg, out_dir: str | Path | None = None, quiet: bool = False) -> dict:
     model = ModelSpec.from_cfg(cfg.model)
     hw = HardwareSpec.from_cfg(cfg.hardware)
     source = build_source(cfg, model)
-    policy = build_policy(cfg.policy, model)
-    policy.check_available(source.fields, source.name)
-    replay = ClosedLoopReplay(source, int(cfg.batch), np.random.default_rng(int(cfg.seed)))
-    recorder = StepRecorder(model.num_moe_layers)
-    sim_s = simulate(replay, policy, Vanilla(model.router), Roofline(model, hw), recorder, int(cfg.workload.steps))
-
+    cost = Roofline(model, hw)
+    policy = build_policy(cfg.policy, model, expert_time_s=cost.expert_time_s())
     approximations = []
+    fill = _missing_logits(cfg, policy, source, approximations)
+    policy.check_available(source.fields | ({"logits"} if fill else set()), source.name)
+    if policy.needs_calibration:
+        calib = Calibration.from_source(source)
+        policy.prepare(calib)
+        if not calib.held_out:
+            approximations.append(f"policy '{policy.name}' learned its statistics from the replayed trace itself (in-sample)")
+    replay = ClosedLoopReplay(source, int(cfg.batch), np.random.default_rng(int(cfg.seed)), fill_missing_logits=fill)
+    recorder = StepRecorder(model.num_moe_layers)
+    sim_s = simulate(replay, policy, Vanilla(model.router), cost, recorder, int(cfg.workload.steps))
+
     if replay.prefill_as_decode:
         approximations.append("trace has no decode tokens: its prompt tokens are replayed as decode steps")
     if replay.reused:
@@ -49,7 +57,7 @@ def run(cfg, out_dir: str | Path | None = None, quiet: bool = False) -> dict:
         "trace": source.name, "seed": int(cfg.seed), "policy_params": policy.params(),
         **recorder.summary(),
         "simulated_s": sim_s, "wall_s": round(time.perf_counter() - t0, 3),
-        "exact": not replay.prefill_as_decode and not replay.reused,
+        "exact": not (replay.prefill_as_decode or replay.reused or fill),
         "approximations": approximations,
     }
     if out_dir is not None:
@@ -61,6 +69,18 @@ def run(cfg, out_dir: str | Path | None = None, quiet: bool = False) -> dict:
     if not quiet:
         print_table(summary, out_dir)
     return summary
+
+
+def _missing_logits(cfg, policy, source, approximations: list) -> bool:
+    """Opt-in stand-in logits (`approximate_missing=lowest_bin`) for a policy that reads logits."""
+    mode = cfg.get("approximate_missing")
+    if mode not in (None, "lowest_bin"):
+        raise ValueError(f"approximate_missing: expected null or 'lowest_bin', found {mode!r}")
+    if mode is None or "logits" not in policy.needs or "logits" in source.fields:
+        return False
+    approximations.append("trace has no router logits: experts outside each token's recorded top-k take the "
+                          "lowest Lynx bin (logits = log weights inside the top-k, far below outside)")
+    return True
 
 
 def print_table(s: dict, out_dir) -> None:

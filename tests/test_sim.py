@@ -17,7 +17,7 @@ from lynx_sim.traces.convert import convert
 SUMMARY_KEYS = {"policy", "batch", "model", "hardware", "trace", "seed", "policy_params", "steps", "speedup",
                 "step_time_ms", "moe_time_ms", "moe_speedup", "distinct_experts", "top1_retention",
                 "gate_mass_retained", "policy_acted_fraction", "per_layer", "simulated_s", "wall_s", "exact",
-                "approximations"}
+                "approximations", "slots_changed", "kl_to_router_nats", "tokens_per_active_expert", "experts_per_token"}
 
 
 def without_wall(s):
@@ -34,6 +34,10 @@ def test_default_lynx_run(tmp_path):
     assert s["speedup"] > 1.0 and s["moe_speedup"] > s["speedup"]
     assert 0.9 <= s["top1_retention"] <= 1.0 and 0.5 < s["gate_mass_retained"] < 1.0
     assert s["exact"] and s["steps"] == 30 and s["policy_acted_fraction"] == 1.0
+    assert 0 < s["slots_changed"] < 1 and s["experts_per_token"] == 8.0
+    assert s["kl_to_router_nats"]["policy"] > s["kl_to_router_nats"]["vanilla"] > 0
+    tpe = s["tokens_per_active_expert"]
+    assert tpe["policy"] > tpe["vanilla"] and tpe["vanilla"] * s["distinct_experts"]["vanilla"] == pytest.approx(64 * 8, rel=0.02)
     assert len(s["per_layer"]["distinct_experts"]["policy"]) == 48
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk == s
@@ -71,6 +75,10 @@ def test_reference_trace_replay(tmp_path):
     assert 7.0 < s["distinct_experts"]["vanilla"] <= 8.0  # union fraction 0.98 at B = 16
     with pytest.raises(PolicyInputError, match="needs router logits"):
         run(compose_cfg(over + ["policy=lynx"]), quiet=True)
+    approx = run(compose_cfg(over + ["policy=lynx", "approximate_missing=lowest_bin"]), quiet=True)
+    assert not approx["exact"] and any("lowest Lynx bin" in a for a in approx["approximations"])
+    assert approx["distinct_experts"]["policy"] <= approx["distinct_experts"]["vanilla"]
+    assert approx["kl_to_router_nats"]["policy"] is not None  # computed on the stand-in logits
     with pytest.raises(TraceFormatError, match="num_experts"):
         run(compose_cfg(over[:2] + ["model=qwen3_30b_a3b", "policy=vanilla"]), quiet=True)
 

@@ -63,6 +63,10 @@ class Roofline:
         flops = m.expert_flops(assigned) + 2.0 * (shared_params + router_params) * tokens
         return self._time(bytes_, flops, self.expert_fps) + self.hw.moe_layer_fixed_us * 1e-6
 
+    def expert_time_s(self) -> float:
+        """Memory-bound time of one more distinct expert in a decode MoE layer."""
+        return self.model.expert_bytes / self.bw
+
     def attention_params(self) -> int:
         """Attention projection weights of one layer."""
         a, H = self.model.attention, self.model.hidden_size

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..policies.approximate import fill_logits
 from ..policies.base import BatchRouting
 from ..traces.writer import TraceArrays
 
@@ -26,10 +27,12 @@ class Slot:
 
 
 class ClosedLoopReplay:
-    def __init__(self, source, batch: int, rng: np.random.Generator, max_empty: int = 1000):
+    def __init__(self, source, batch: int, rng: np.random.Generator, max_empty: int = 1000,
+                 fill_missing_logits: bool = False):
         if batch < 1:
             raise ValueError(f"batch: expected an int >= 1, found {batch}")
         self.source, self.rng, self.max_empty = source, rng, max_empty
+        self.fill_missing_logits = fill_missing_logits  # stand-in logits for traces without them
         self.next_request = 0
         self.reused = 0  # admissions that replay a request already used
         trace = getattr(source, "trace", None)  # file sources expose their Trace
@@ -62,7 +65,12 @@ class ClosedLoopReplay:
         ids = torch.from_numpy(np.stack([r.ids[c] for r, c in cur], axis=1)).long()  # [L, B, k]
         first = cur[0][0]
         weights = None if first.weights is None else torch.from_numpy(np.stack([r.weights[c] for r, c in cur], axis=1))
-        logits = None if first.logits is None else torch.from_numpy(np.stack([r.logits[c] for r, c in cur], axis=1))
+        if first.logits is not None:
+            logits = torch.from_numpy(np.stack([r.logits[c] for r, c in cur], axis=1))
+        elif self.fill_missing_logits:
+            logits = fill_logits(ids, weights, first.meta.num_experts)
+        else:
+            logits = None
         context = int(sum(int(r.position[c]) + 1 for r, c in cur))
         return BatchRouting(ids, weights, logits, decode=None, ids_ordered=first.meta.ids_ordered), context
 

@@ -12,31 +12,30 @@ import pandas as pd
 from ..cost.roofline import StepCost
 from ..policies.base import Selection
 
+# fidelity measures recorded per step and per layer: (name, for the vanilla baseline too)
+MEASURES = (("distinct_experts", True), ("top1_retention", False), ("gate_mass_retained", False),
+            ("slots_changed", False), ("kl_to_router_nats", True), ("tokens_per_active_expert", True),
+            ("experts_per_token", False))
+
 
 class StepRecorder:
     def __init__(self, num_layers: int):
         self.rows: list[dict] = []
-        self._layer = {k: np.zeros(num_layers) for k in
-                       ("distinct_policy", "distinct_vanilla", "top1_retention", "gate_mass_retained")}
+        self._layer = {f"{p}{m}": np.zeros(num_layers) for m, both in MEASURES for p in (("", "vanilla_") if both else ("",))}
 
     def on_step(self, now_s: float, step: int, batch: int, context_tokens: int,
                 sel: Selection, cost: StepCost, base: Selection, base_cost: StepCost) -> None:
-        f, fb = sel.fidelity, base.fidelity
-        self._layer["distinct_policy"] += f.distinct_experts.numpy()
-        self._layer["distinct_vanilla"] += fb.distinct_experts.numpy()
-        self._layer["top1_retention"] += f.top1_retention.numpy()
-        self._layer["gate_mass_retained"] += f.gate_mass_retained.numpy()
-        self.rows.append({
-            "step": step, "sim_time_ms": now_s * 1e3, "batch": batch, "context_tokens": context_tokens,
-            "policy_acted": sel.acted,
-            "step_time_ms": cost.total_s * 1e3, "vanilla_step_time_ms": base_cost.total_s * 1e3,
-            "moe_time_ms": cost.moe_s * 1e3, "vanilla_moe_time_ms": base_cost.moe_s * 1e3,
-            "attention_time_ms": cost.attention_s * 1e3,
-            "distinct_experts": float(f.distinct_experts.double().mean()),
-            "vanilla_distinct_experts": float(fb.distinct_experts.double().mean()),
-            "top1_retention": float(f.top1_retention.mean()),
-            "gate_mass_retained": float(f.gate_mass_retained.mean()),
-        })
+        row = {"step": step, "sim_time_ms": now_s * 1e3, "batch": batch, "context_tokens": context_tokens,
+               "policy_acted": sel.acted,
+               "step_time_ms": cost.total_s * 1e3, "vanilla_step_time_ms": base_cost.total_s * 1e3,
+               "moe_time_ms": cost.moe_s * 1e3, "vanilla_moe_time_ms": base_cost.moe_s * 1e3,
+               "attention_time_ms": cost.attention_s * 1e3}
+        for m, both in MEASURES:
+            for prefix, f in (("", sel.fidelity), ("vanilla_", base.fidelity)) if both else (("", sel.fidelity),):
+                per_layer = getattr(f, m).double().numpy()
+                self._layer[prefix + m] += per_layer
+                row[prefix + m] = float(per_layer.mean())
+        self.rows.append(row)
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows)
@@ -45,22 +44,25 @@ class StepRecorder:
         """The metric part of summary.json (run.py adds the run's identity)."""
         t = self.table()
         n = max(len(t), 1)
-        layer = {k: (v / n).round(6).tolist() for k, v in self._layer.items()}
+        layer = {k: [_finite_or_none(x) for x in np.round(v / n, 6)] for k, v in self._layer.items()}
         step_p, step_v = t.step_time_ms.mean(), t.vanilla_step_time_ms.mean()
-        return {
+        out = {
             "steps": int(len(t)),
             "speedup": float(step_v / step_p),
             "step_time_ms": {"policy": float(step_p), "vanilla": float(step_v)},
             "moe_time_ms": {"policy": float(t.moe_time_ms.mean()), "vanilla": float(t.vanilla_moe_time_ms.mean())},
             "moe_speedup": float(t.vanilla_moe_time_ms.mean() / t.moe_time_ms.mean()),
-            "distinct_experts": {"policy": float(t.distinct_experts.mean()), "vanilla": float(t.vanilla_distinct_experts.mean())},
-            "top1_retention": _finite_or_none(t.top1_retention.mean()),
-            "gate_mass_retained": float(t.gate_mass_retained.mean()),
             "policy_acted_fraction": float(t.policy_acted.mean()),
-            "per_layer": {"distinct_experts": {"policy": layer["distinct_policy"], "vanilla": layer["distinct_vanilla"]},
-                          "top1_retention": [_finite_or_none(x) for x in layer["top1_retention"]],
-                          "gate_mass_retained": layer["gate_mass_retained"]},
+            "per_layer": {},
         }
+        for m, both in MEASURES:
+            if both:
+                out[m] = {"policy": _finite_or_none(t[m].mean()), "vanilla": _finite_or_none(t["vanilla_" + m].mean())}
+                out["per_layer"][m] = {"policy": layer[m], "vanilla": layer["vanilla_" + m]}
+            else:
+                out[m] = _finite_or_none(t[m].mean())
+                out["per_layer"][m] = layer[m]
+        return out
 
 
 def _finite_or_none(x) -> float | None:

@@ -5,6 +5,9 @@ weights. `Policy.select` is a template method: it checks the inputs, applies the
 the policy declares, calls the policy's own `route`, checks the output and attaches the
 fidelity measures. Tensors are layer-major (L, B, ...) so that rules that act per layer and per
 batch vectorise over layers with plain torch reductions; nothing loops over tokens in Python.
+
+Output convention: ids [L, B, k]; a rule that gives a token fewer than k experts marks the
+unused slots with DROPPED (-1) and weight 0. Every token keeps at least one expert.
 """
 
 from __future__ import annotations
@@ -16,11 +19,20 @@ from typing import ClassVar
 import torch
 
 from ..routing import RouterSpec
-from .fidelity import Fidelity, measure
+from .fidelity import DROPPED, Fidelity, measure
 
 
 class PolicyInputError(ValueError):
     """The batch lacks what the policy needs, or has the wrong shape."""
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What a policy may know besides one batch: the router, and the modelled cost of one more
+    distinct expert in one decode MoE layer (bytes of an expert / achievable bandwidth)."""
+
+    router: RouterSpec
+    expert_time_s: float = 0.0
 
 
 @dataclass
@@ -45,7 +57,7 @@ class BatchRouting:
 class Selection:
     """A policy's answer for one batch, with its fidelity against the model's own routing."""
 
-    ids: torch.Tensor  # [L, B, k] int64
+    ids: torch.Tensor  # [L, B, k] int64; DROPPED (-1) marks a slot the policy left empty
     weights: torch.Tensor | None  # [L, B, k]
     acted: bool  # False when gating left the model's routing untouched
     fidelity: Fidelity = field(default=None)
@@ -57,13 +69,20 @@ class Policy(ABC):
     name: ClassVar[str] = ""
     needs: ClassVar[tuple[str, ...]] = ("ids",)  # fields of BatchRouting the rule reads
     decode_only: ClassVar[bool] = False  # act only on batches made entirely of decode tokens
+    needs_calibration: ClassVar[bool] = False  # learns from trace statistics in `prepare`
 
-    def __init__(self, router: RouterSpec):
-        self.router = router
+    def __init__(self, ctx: PolicyContext | RouterSpec):
+        self.ctx = ctx if isinstance(ctx, PolicyContext) else PolicyContext(ctx)
+        self.router = self.ctx.router
+        self.prepared = False
 
     def params(self) -> dict:
         """The policy's parameters, for summaries."""
         return {}
+
+    def prepare(self, calib) -> None:
+        """Learn what the rule needs from calibration routing (a `Calibration`); default: nothing."""
+        self.prepared = True
 
     def check_available(self, fields, where: str) -> None:
         """Fail before a run starts when its trace lacks what this policy reads."""
@@ -72,17 +91,41 @@ class Policy(ABC):
             raise PolicyInputError(
                 f"{where}: policy '{self.name}' needs router {', '.join(missing)}, and this trace has none "
                 f"(it has {', '.join(sorted(fields))}). Use a trace with full router logits (the synthetic "
-                f"generator, trace=synth, or a recorded trace), or another policy.")
+                f"generator, trace=synth, or a recorded trace), another policy, or opt into the documented "
+                f"approximation with approximate_missing=lowest_bin.")
 
     def select(self, batch: BatchRouting) -> Selection:
         self._check(batch)
+        if self.needs_calibration and not self.prepared:
+            raise PolicyInputError(f"policy '{self.name}' learns from trace statistics: call prepare(calibration) first")
         if self.decode_only and not batch.all_decode():
             sel = Selection(batch.ids, batch.weights, acted=False)
         else:
             ids, weights = self.route(batch)
+            self._check_output(batch, ids, weights)
             sel = Selection(ids, weights, acted=True)
-        sel.fidelity = measure(batch, sel.ids, self.router.num_experts)
+        sel.fidelity = measure(batch, sel.ids, sel.weights, self.router)
         return sel
+
+    def _check_output(self, batch: BatchRouting, ids: torch.Tensor, weights: torch.Tensor | None) -> None:
+        """A rule's answer must follow the output convention; a violation is a bug in the rule."""
+        E = self.router.num_experts
+        bad = None
+        if ids.shape != batch.ids.shape or ids.dtype != torch.int64:
+            bad = f"ids {list(ids.shape)} {ids.dtype}, expected {list(batch.ids.shape)} int64"
+        elif ((ids < DROPPED) | (ids >= E)).any():
+            bad = "ids outside -1..E-1"
+        elif (ids == DROPPED).all(-1).any():
+            bad = "a token left with no expert"
+        else:
+            s = torch.sort(ids, -1).values
+            if ((s[..., 1:] == s[..., :-1]) & (s[..., 1:] != DROPPED)).any():
+                bad = "an expert repeated within a token"
+            elif weights is not None and (~torch.isfinite(weights).all() or (weights < 0).any()
+                                          or (weights[ids == DROPPED] != 0).any()):
+                bad = "weights not finite and >= 0, or non-zero on a dropped slot"
+        if bad:
+            raise AssertionError(f"policy '{self.name}' broke the output convention: {bad}")
 
     @abstractmethod
     def route(self, batch: BatchRouting) -> tuple[torch.Tensor, torch.Tensor | None]:

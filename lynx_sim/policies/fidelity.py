@@ -4,7 +4,12 @@
   (NaN when the trace cannot tell the top-1: ids only, in no particular order).
 - gate_mass_retained: per token, the share of its original top-k gate weight whose expert it
   still uses (uniform 1/k weights when the trace has none), averaged over tokens.
-- distinct_experts: experts that received at least one token (the weights a decode step reads).
+- slots_changed: fraction of the original token-expert assignments that are gone.
+- kl_to_router_nats: KL(q || p) of the mixture weights actually used (q, normalised to sum 1)
+  against the router's full softmax over all E experts (p); softmax routers with logits only,
+  else NaN. Vanilla's own value is the cost of top-k truncation itself.
+- distinct_experts: experts that received at least one token (the weights a decode step reads);
+  tokens_per_active_expert: assignments / distinct experts; experts_per_token: kept slots.
 - expert_tokens: token count of every expert, [L, E], what the cost model consumes.
 """
 
@@ -16,7 +21,10 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from ..routing import RouterSpec
     from .base import BatchRouting
+
+DROPPED = -1  # id of a slot a policy left empty (its weight is 0)
 
 
 @dataclass
@@ -25,13 +33,19 @@ class Fidelity:
     distinct_experts: torch.Tensor  # [L] int64
     top1_retention: torch.Tensor  # [L] float64
     gate_mass_retained: torch.Tensor  # [L] float64
+    slots_changed: torch.Tensor  # [L] float64
+    kl_to_router_nats: torch.Tensor  # [L] float64 (NaN without logits)
+    tokens_per_active_expert: torch.Tensor  # [L] float64
+    experts_per_token: torch.Tensor  # [L] float64
 
 
 def expert_token_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """ids [L, B, k] -> tokens per expert [L, E]."""
+    """ids [L, B, k] (DROPPED allowed) -> tokens per expert [L, E]."""
     L = ids.shape[0]
-    counts = torch.zeros(L, num_experts, dtype=torch.int64, device=ids.device)
-    return counts.scatter_add_(1, ids.reshape(L, -1), torch.ones_like(ids.reshape(L, -1)))
+    flat = ids.reshape(L, -1)
+    counts = torch.zeros(L, num_experts + 1, dtype=torch.int64, device=ids.device)  # last column: dropped
+    counts.scatter_add_(1, torch.where(flat == DROPPED, num_experts, flat), torch.ones_like(flat))
+    return counts[:, :num_experts]
 
 
 def original_top1(batch: "BatchRouting") -> torch.Tensor | None:
@@ -43,8 +57,21 @@ def original_top1(batch: "BatchRouting") -> torch.Tensor | None:
     return batch.ids[..., 0] if batch.ids_ordered else None
 
 
-def measure(batch: "BatchRouting", ids: torch.Tensor, num_experts: int) -> Fidelity:
-    counts = expert_token_counts(ids, num_experts)
+def kl_to_router(batch: "BatchRouting", ids: torch.Tensor, weights: torch.Tensor | None, router: "RouterSpec") -> torch.Tensor:
+    """Mean over tokens of KL(q || softmax(logits)), [L]; NaN where it is not defined."""
+    L = ids.shape[0]
+    if batch.logits is None or weights is None or router.kind == "sigmoid":
+        return torch.full((L,), float("nan"), dtype=torch.float64)
+    logp = torch.log_softmax(batch.logits.double(), -1).gather(-1, ids.clamp_min(0))  # [L, B, k]
+    w = weights.double() * (ids != DROPPED)
+    q = w / w.sum(-1, keepdim=True)
+    term = torch.where(q > 0, q * (torch.log(q.clamp_min(1e-300)) - logp), torch.zeros_like(q))
+    return term.sum(-1).mean(-1)
+
+
+def measure(batch: "BatchRouting", ids: torch.Tensor, weights: torch.Tensor | None, router: "RouterSpec") -> Fidelity:
+    counts = expert_token_counts(ids, router.num_experts)
+    distinct = (counts > 0).sum(-1)
     present = (batch.ids[..., :, None] == ids[..., None, :]).any(-1)  # [L, B, k]: original slot kept
     w = batch.weights.double() if batch.weights is not None else torch.ones_like(batch.ids, dtype=torch.float64)
     mass = (w * present).sum(-1) / w.sum(-1).clamp_min(1e-30)  # [L, B]
@@ -53,4 +80,7 @@ def measure(batch: "BatchRouting", ids: torch.Tensor, num_experts: int) -> Fidel
         retention = torch.full((ids.shape[0],), float("nan"), dtype=torch.float64)
     else:
         retention = (ids == top1[..., None]).any(-1).double().mean(-1)  # [L]
-    return Fidelity(counts, (counts > 0).sum(-1), retention, mass.mean(-1))
+    kept = (ids != DROPPED).double()
+    return Fidelity(counts, distinct, retention, mass.mean(-1), 1.0 - present.double().mean((-1, -2)),
+                    kl_to_router(batch, ids, weights, router), kept.sum((-1, -2)) / distinct.clamp_min(1).double(),
+                    kept.sum(-1).mean(-1))

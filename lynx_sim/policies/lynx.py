@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..routing import RouterSpec, route, topk_lowest_index
-from .base import BatchRouting, Policy
+from .base import BatchRouting, Policy, PolicyContext
 from .registry import register
 
 ARITHMETIC = {"float32": torch.float32, "float64": torch.float64}
@@ -42,9 +42,10 @@ class Lynx(Policy):
     needs = ("logits",)
     decode_only = True  # LYNX.md observation 3: prefill routing is never changed
 
-    def __init__(self, router: RouterSpec, alpha: float, beta: int | None, arithmetic: str = "float32",
+    def __init__(self, ctx: PolicyContext | RouterSpec, alpha: float, beta: int | None, arithmetic: str = "float32",
                  tie_break: str = "lowest_index"):
-        super().__init__(router)
+        super().__init__(ctx)
+        router = self.router
         if router.kind == "grouped_topk":
             raise ValueError("policy 'lynx': grouped top-k routers are not supported yet (softmax and sigmoid are)")
         if not alpha > 0:

@@ -20,13 +20,18 @@ def register(cls: type["Policy"]) -> type["Policy"]:
     return cls
 
 
-def build_policy(cfg, model) -> "Policy":
-    """Instantiate the policy a `conf/policy/*.yaml` node describes, for a ModelSpec."""
+def build_policy(cfg, model, expert_time_s: float = 0.0) -> "Policy":
+    """Instantiate the policy a `conf/policy/*.yaml` node describes, for a ModelSpec.
+
+    `expert_time_s`: the cost model's time for one more distinct expert in a decode MoE layer
+    (only cost-aware rules read it)."""
+    from .base import PolicyContext
+
     params = {k: v for k, v in dict(cfg).items() if k != "name"}
     name = cfg["name"]
     if name not in POLICIES:
         raise ValueError(f"unknown policy '{name}': registered policies are {sorted(POLICIES)}")
     try:
-        return POLICIES[name](model.router, **params)
+        return POLICIES[name](PolicyContext(model.router, expert_time_s), **params)
     except TypeError as e:
         raise ValueError(f"policy '{name}': bad parameters {params}: {e}") from None
