@@ -70,6 +70,7 @@ class Policy(ABC):
     needs: ClassVar[tuple[str, ...]] = ("ids",)  # fields of BatchRouting the rule reads
     decode_only: ClassVar[bool] = False  # act only on batches made entirely of decode tokens
     needs_calibration: ClassVar[bool] = False  # learns from trace statistics in `prepare`
+    neutral: ClassVar[dict] = {}  # parameters under which the rule must equal vanilla (tested)
 
     def __init__(self, ctx: PolicyContext | RouterSpec):
         self.ctx = ctx if isinstance(ctx, PolicyContext) else PolicyContext(ctx)

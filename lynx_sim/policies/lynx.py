@@ -41,6 +41,7 @@ class Lynx(Policy):
     name = "lynx"
     needs = ("logits",)
     decode_only = True  # LYNX.md observation 3: prefill routing is never changed
+    neutral = None  # no parameter makes Lynx the identity: alpha -> inf still ties inside bin 0
 
     def __init__(self, ctx: PolicyContext | RouterSpec, alpha: float, beta: int | None, arithmetic: str = "float32",
                  tie_break: str = "lowest_index"):
