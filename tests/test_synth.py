@@ -1,6 +1,6 @@
 """The synthetic trace generator: determinism, exact top-k, format, and each structural knob."""
 
-from dataclasses import replace
+
 from pathlib import Path
 
 import numpy as np

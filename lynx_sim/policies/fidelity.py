@@ -62,7 +62,8 @@ def kl_to_router(batch: "BatchRouting", ids: torch.Tensor, weights: torch.Tensor
     L = ids.shape[0]
     if batch.logits is None or weights is None or router.kind == "sigmoid":
         return torch.full((L,), float("nan"), dtype=torch.float64)
-    logp = torch.log_softmax(batch.logits.double(), -1).gather(-1, ids.clamp_min(0))  # [L, B, k]
+    z = batch.logits
+    logp = (z.gather(-1, ids.clamp_min(0)) - torch.logsumexp(z, -1, keepdim=True)).double()  # [L, B, k]
     w = weights.double() * (ids != DROPPED)
     q = w / w.sum(-1, keepdim=True)
     term = torch.where(q > 0, q * (torch.log(q.clamp_min(1e-300)) - logp), torch.zeros_like(q))

@@ -20,15 +20,19 @@ floor, so their float64 key is the plain formula in float64 (not guaranteed exac
 Tie-break: `lowest_index` as the plugin's repeated argmax; `own_logit` orders equal keys by the
 token's own logit first, so a confident token keeps its top-1 even at B = 1.
 
-Router kinds: softmax (as above) and sigmoid (bins on raw logits, no beta floor, sigmoid of the
-chosen logits as weights). Grouped top-k routers arrive with the policies issue and raise here.
+Router kinds: softmax (as above); sigmoid (bins on raw logits, no beta floor, sigmoid of the
+chosen logits as weights); grouped top-k (DeepSeek-V2/V3): bins and batch scores on the raw
+logits over all E experts, but each token picks only inside its own `topk_group` best groups
+(keys outside them masked), and the remap takes the top-k of the group-processed scores masked
+by KEEP. Our choice where LYNX.md is terse: the mass of a non-renormalising grouped router is the
+sum of the token's original (group-restricted) top-k weights.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..routing import RouterSpec, route, topk_lowest_index
+from ..routing import RouterSpec, group_mask, route, topk_lowest_index, topk_set
 from .base import BatchRouting, Policy, PolicyContext
 from .registry import register
 
@@ -47,8 +51,6 @@ class Lynx(Policy):
                  tie_break: str = "lowest_index"):
         super().__init__(ctx)
         router = self.router
-        if router.kind == "grouped_topk":
-            raise ValueError("policy 'lynx': grouped top-k routers are not supported yet (softmax and sigmoid are)")
         if not alpha > 0:
             raise ValueError(f"policy 'lynx': alpha: expected > 0, found {alpha}")
         if router.kind == "sigmoid":
@@ -89,14 +91,54 @@ class Lynx(Policy):
         return bins + (S - w) / B, bins
 
     def picks(self, logits: torch.Tensor) -> torch.Tensor:
-        """Pruning, per token: the k experts with the largest keys, [L, B, k]."""
+        """Pruning, per token: the k experts with the largest keys, [L, B, k] (order not meaningful)."""
+        if self.beta is not None and self.tie_break == "lowest_index":
+            return self._picks_ranked(logits)
         key, _ = self.keys(logits)
+        return self._picks_sorted(logits, key)
+
+    def _picks_sorted(self, logits: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """Plain top-k of the key with the configured tie-break (the reference path)."""
         k = self.router.top_k
+        if self.router.kind == "grouped_topk":  # a token may pick only inside its own groups
+            key = key.masked_fill(~group_mask(torch.softmax(logits, dim=-1), self.router), float("-inf"))
         if self.tie_break == "own_logit":
             by_logit = torch.sort(logits, dim=-1, descending=True, stable=True).indices
             order = torch.sort(key.gather(-1, by_logit), dim=-1, descending=True, stable=True).indices
             return by_logit.gather(-1, order[..., :k])
         return topk_lowest_index(key, k)[1]
+
+    def _picks_ranked(self, logits: torch.Tensor) -> torch.Tensor:
+        """The same picks without sorting every row (fast path, bins with a floor).
+
+        Inside one bin level j every token adds the same B**j to its own count, so experts of
+        that level rank by a per-layer value v_j[e] = j + (S[e] - B**j) / B, computed with the
+        very operations the per-element key uses (bit-identical in either arithmetic). Ranking
+        the E experts of each level once per layer, [L, J, E], turns the key into unique
+        integers bin x E + (E - 1 - rank), whose plain top-k is the key's top-k with ties to the
+        lowest index.
+        """
+        Z = logits.to(ARITHMETIC[self.arithmetic])
+        L, B, E = Z.shape
+        bins = torch.ceil(self.alpha * (Z - Z.amax(-1, keepdim=True))).clamp_min_(-self.beta)  # [L, B, E]
+        base = torch.tensor(float(B), dtype=Z.dtype)
+        levels = -torch.arange(self.beta + 1, dtype=Z.dtype)  # [J]: 0, -1, ..., -beta
+        if self.arithmetic == "float64":  # integer-scaled, as keys(): exact
+            S = torch.pow(base, bins + self.beta).sum(-2)  # [L, E]
+            v = levels[:, None] * float(B) ** (self.beta + 1) + (S[:, None, :] - torch.pow(base, levels + self.beta)[:, None])
+        else:
+            S = torch.pow(base, bins).sum(-2)  # [L, E]
+            v = levels[:, None] + (S[:, None, :] - torch.pow(base, levels)[:, None]) / B  # [L, J, E]
+        order = torch.sort(v, dim=-1, descending=True, stable=True).indices  # [L, J, E]
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(E).expand_as(order))
+        rank = rank.to(Z.dtype)
+        own = rank[:, -1:, :].expand(L, B, E)  # [L, B, E]: each element's rank inside its own level
+        for j in range(self.beta):  # levels 0..-(beta-1); the floor level is the default
+            own = torch.where(bins == -j, rank[:, j:j + 1, :], own)
+        score = bins * E + (E - 1) - own  # unique integers per token
+        if self.router.kind == "grouped_topk":
+            score = score.masked_fill(~group_mask(torch.softmax(Z, dim=-1), self.router), float("-inf"))
+        return topk_set(score, self.router.top_k)
 
     def keep_mask(self, logits: torch.Tensor) -> torch.Tensor:
         """KEEP [L, E] bool: the union over tokens of their picks."""
@@ -107,8 +149,21 @@ class Lynx(Policy):
     def route(self, batch: BatchRouting):
         Z = batch.logits.to(ARITHMETIC[self.arithmetic])  # [L, B, E]
         keep = self.keep_mask(Z)
-        ids, w = route(Z, self.router, allowed=keep[:, None, :])  # remapping
-        if self.router.kind == "softmax" and not self.router.renormalize:
-            mass = topk_lowest_index(torch.softmax(Z, dim=-1), self.router.top_k)[0].sum(-1, keepdim=True)
-            w = w / w.sum(-1, keepdim=True) * mass
+        if self.router.kind != "softmax":
+            ids, w = route(Z, self.router, allowed=keep[:, None, :])  # remapping
+            if self.router.kind == "grouped_topk" and not self.router.renormalize:
+                mass = route(Z, self.router)[1].sum(-1, keepdim=True)  # the token's original top-k mass
+                w = w / w.sum(-1, keepdim=True) * mass
+            return ids, w.float()
+        # softmax: the top-k of softmax(Z) over KEEP are the top-k of the masked logits, and their
+        # renormalised weights are the softmax of those k logits alone
+        top, ids = topk_lowest_index(Z.masked_fill(~keep[:, None, :], float("-inf")), self.router.top_k)
+        w = torch.softmax(top, dim=-1)
+        if not self.router.renormalize:
+            w = w * self._topk_mass(Z, batch)
         return ids, w.float()
+
+    def _topk_mass(self, Z: torch.Tensor, batch: BatchRouting) -> torch.Tensor:
+        """mass_t: the sum of the k largest full-softmax probabilities, [L, B, 1]."""
+        top = torch.topk(Z, self.router.top_k, dim=-1).values
+        return torch.exp(torch.logsumexp(top, -1, keepdim=True) - torch.logsumexp(Z, -1, keepdim=True))

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from .fidelity import DROPPED
+from .fidelity import DROPPED, original_top1
+
+if TYPE_CHECKING:
+    from .base import BatchRouting
 
 
 def by_weight(ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,3 +35,27 @@ def keep_slots(ids: torch.Tensor, weights: torch.Tensor | None, keep: torch.Tens
     if renormalize:
         w = w * (weights.sum(-1, keepdim=True) / w.sum(-1, keepdim=True).clamp_min(1e-30))
     return out_ids, w
+
+
+def keep_top_n(weights: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
+    """keep [L, B, k] bool, in slot positions: each token's n highest-weight slots.
+
+    weights [L, B, k]; n an int or an int tensor broadcasting to [L, B, 1] (per layer, per token).
+    """
+    k = weights.shape[-1]
+    slot = torch.arange(k, device=weights.device).expand(weights.shape)  # [L, B, k]
+    order, _ = by_weight(slot, weights)  # [L, B, k] slot index of rank r
+    ranked = (slot < n)  # [L, B, k]: rank r is kept
+    return torch.empty_like(ranked).scatter_(-1, order, ranked)
+
+
+def top1_slots(batch: "BatchRouting") -> torch.Tensor:
+    """[L, B, k] bool: each token's top-1 slot (fidelity.original_top1: by weight, else logit,
+    else slot 0 of ordered ids); slot 0 where the trace cannot tell or the top-1 is not among ids."""
+    first = torch.zeros_like(batch.ids, dtype=torch.bool)
+    first[..., 0] = True
+    top1 = original_top1(batch)  # [L, B] or None
+    if top1 is None:
+        return first
+    m = batch.ids == top1[..., None]
+    return m | (first & ~m.any(-1, keepdim=True))

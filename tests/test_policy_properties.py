@@ -1,0 +1,103 @@
+"""Invariants every registered policy must keep, on random logits and batch shapes (hypothesis).
+
+Each policy is built from its own conf/policy/<name>.yaml (the model's Lynx defaults resolved
+for Mixtral), on a random router shape; rules that learn from trace statistics are prepared on
+random calibration routing of the same shape.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from omegaconf import OmegaConf
+
+from conftest import compose_cfg
+from lynx_sim.policies import POLICIES, BatchRouting
+from lynx_sim.policies.calibration import Calibration
+from lynx_sim.policies.fidelity import DROPPED
+from lynx_sim.routing import RouterSpec, route
+
+NAMES = sorted(POLICIES)
+
+
+def config_params(name: str) -> dict:
+    cfg = compose_cfg([f"policy={name}", "model=mixtral_8x7b"])
+    return {k: v for k, v in OmegaConf.to_container(cfg.policy, resolve=True).items() if k != "name"}
+
+
+def build(name, spec, L, seed, params=None, expert_time_s=5e-6):
+    from lynx_sim.policies.base import PolicyContext
+
+    pol = POLICIES[name](PolicyContext(spec, expert_time_s), **(config_params(name) if params is None else params))
+    if pol.needs_calibration:
+        g = np.random.default_rng(seed + 1)
+        z = torch.from_numpy(g.normal(size=(256, L, spec.num_experts)) * 2).float()
+        ids, w = route(z, spec)
+        pol.prepare(Calibration(ids, w, z, spec.num_experts, held_out=True))
+    return pol
+
+
+shapes = st.fixed_dictionaries({
+    "seed": st.integers(0, 10**6), "L": st.integers(1, 3), "B": st.integers(1, 33), "E": st.integers(4, 24),
+    "kfrac": st.floats(0, 1), "renorm": st.booleans(), "ties": st.booleans(),
+})
+
+
+def make(c):
+    k = 1 + int(c["kfrac"] * (min(c["E"], 8) - 1))
+    spec = RouterSpec(c["E"], k, "softmax", c["renorm"])
+    g = np.random.default_rng(c["seed"])
+    z = g.normal(size=(c["L"], c["B"], c["E"])) * 2
+    if c["ties"]:
+        z = np.round(z * 2) / 2
+    Z = torch.from_numpy(z).float()
+    ids, w = route(Z, spec)
+    return spec, BatchRouting(ids, w, Z)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@settings(max_examples=25, deadline=None)
+@given(c=shapes)
+def test_invariants(name, c):
+    spec, batch = make(c)
+    pol = build(name, spec, c["L"], c["seed"])
+    sel = pol.select(batch)  # the base class asserts the output convention
+    ids, w = sel.ids, sel.weights
+    kept = ids != DROPPED
+    assert kept.any(-1).all() and ((ids >= DROPPED) & (ids < spec.num_experts)).all()
+    assert torch.isfinite(w).all() and (w >= 0).all() and (w[~kept] == 0).all()
+    f = sel.fidelity
+    assert ((f.distinct_experts >= 1) & (f.distinct_experts <= min(spec.num_experts, c["B"] * spec.top_k))).all()
+    for m in (f.top1_retention, f.gate_mass_retained, f.slots_changed):
+        assert ((m >= 0) & (m <= 1 + 1e-9)).all()
+    again = pol.select(batch)
+    assert torch.equal(again.ids, ids) and torch.equal(again.weights, w), "same input, same output"
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if POLICIES[n].neutral is not None])
+@settings(max_examples=20, deadline=None)
+@given(c=shapes)
+def test_neutral_parameters_equal_vanilla(name, c):
+    spec, batch = make(c)
+    params = {**config_params(name), **POLICIES[name].neutral}
+    sel = build(name, spec, c["L"], c["seed"], params).select(batch)
+    assert torch.equal(sel.ids, batch.ids)
+    torch.testing.assert_close(sel.weights, batch.weights, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if POLICIES[n].decode_only])
+def test_decode_only_rules_leave_mixed_batches_alone(name):
+    spec, batch = make({"seed": 5, "L": 2, "B": 8, "E": 16, "kfrac": 0.5, "renorm": True, "ties": False})
+    batch.decode = torch.ones(8, dtype=torch.bool)
+    batch.decode[0] = False
+    sel = build(name, spec, 2, 5).select(batch)
+    assert not sel.acted and torch.equal(sel.ids, batch.ids)
+
+
+def test_every_policy_has_a_config_and_declares_its_needs():
+    for name, cls in POLICIES.items():
+        assert set(cls.needs) <= {"ids", "weights", "logits"}, name
+        assert config_params(name) is not None

@@ -1,0 +1,60 @@
+"""Sweeps: hydra multirun through the joblib launcher, gathered by `python -m lynx_sim.report`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import ROOT
+from lynx_sim.report import gather, main, pareto_mask
+
+
+def test_pareto_mask_by_hand():
+    speed = np.array([1.0, 1.3, 1.2, 1.1, 1.3])
+    fid = np.array([1.0, 0.8, 0.9, 0.85, 0.7])
+    assert pareto_mask(speed, fid, True).tolist() == [True, True, True, False, False]
+    # lower is better: (1.3, 0.7) now dominates (1.3, 0.8)
+    assert pareto_mask(speed, fid, False).tolist() == [False, False, False, False, True]
+    assert not pareto_mask(np.array([1.0]), np.array([np.nan]), True).any()
+
+
+def test_multirun_sweep_and_report(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    out = subprocess.run([sys.executable, "-m", "lynx_sim", "-m", "policy=vanilla,lynx", "batch=2,8", "workload.steps=3",
+                          "model=mixtral_8x7b", f"hydra.sweep.dir={sweep}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Joblib" in out.stdout + out.stderr  # the sweep ran through the joblib launcher
+    df = gather(sweep)
+    assert len(df) == 4 and set(df.policy) == {"vanilla", "lynx"} and set(df.batch) == {2, 8}
+    assert (df[df.policy == "vanilla"].speedup == 1.0).all()
+    assert main([str(sweep), "--out", str(tmp_path / "rep")]) == 0
+    table = pd.read_csv(tmp_path / "rep" / "report.csv")
+    assert len(table) == 4 and "param_alpha" in table
+    for name in ("pareto_top1_retention.png", "pareto_gate_mass_retained.png", "distinct_experts.png"):
+        assert (tmp_path / "rep" / name).stat().st_size > 5000
+    assert "lynx" in capsys.readouterr().out
+
+
+def test_report_on_an_empty_folder_is_a_clear_error(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert "no summary.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("study", ["policy_pareto", "lynx_alpha_beta"])
+def test_study_files_compose(study):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("config", overrides=[f"+study={study}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert "batch" in params and cfg.workload.steps == 100
+    if study == "policy_pareto":
+        from lynx_sim.policies import POLICIES
+
+        assert set(params.policy.split(",")) == set(POLICIES), "the Pareto study must sweep every registered policy"
