@@ -69,3 +69,9 @@ def test_unknown_policy_and_bad_parameter_are_clear():
         build_policy({"name": "nope"}, m)
     with pytest.raises(ValueError, match="bad parameters"):
         build_policy({"name": "vanilla", "alpha": 1}, m)
+
+
+def test_policy_catalogue_lists_every_policy():
+    text = (CONF_DIR.parent / "docs" / "policies.md").read_text()
+    for name in POLICIES:
+        assert f"| `{name}` |" in text, f"docs/policies.md has no row for policy '{name}'"

@@ -239,3 +239,18 @@ def test_ranked_fast_path_equals_sorted_key(c, arithmetic, grouped):
     fast = torch.sort(pol.picks(Z), -1).values
     slow = torch.sort(pol._picks_sorted(Z.to(pol.keys(Z)[0].dtype), pol.keys(Z)[0]), -1).values
     assert torch.equal(fast, slow)
+
+
+def test_sigmoid_hand_case():
+    """Llama-4 style: bins on raw logits with no floor, weights = sigmoid of the chosen logits.
+
+    B = 2, alpha = 1: token 0 bins [0, 0, -3, -5], token 1 bins [-3, 0, 0, -5]; weights 2**bin;
+    S = [1.125, 2, 1.125, 0.0625]. Each token's key puts expert 1 first (popular with the other
+    token), so KEEP = {1} and both tokens move there; vanilla used experts 0 and 2."""
+    spec = RouterSpec(4, 1, "sigmoid", renormalize=False)
+    Z = torch.tensor([[[2.0, 1.5, -1.0, -3.0], [-2.0, 0.5, 1.0, -4.0]]], dtype=torch.float64)
+    batch = make_batch(Z, spec)
+    assert batch.ids[0].flatten().tolist() == [0, 2]
+    sel = Lynx(spec, 1.0, None, arithmetic="float64").select(batch)
+    assert sel.ids[0].flatten().tolist() == [1, 1] and sel.fidelity.distinct_experts.item() == 1
+    torch.testing.assert_close(sel.weights[0].flatten().double(), torch.sigmoid(torch.tensor([1.5, 0.5], dtype=torch.float64)))
