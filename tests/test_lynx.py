@@ -254,3 +254,20 @@ def test_sigmoid_hand_case():
     sel = Lynx(spec, 1.0, None, arithmetic="float64").select(batch)
     assert sel.ids[0].flatten().tolist() == [1, 1] and sel.fidelity.distinct_experts.item() == 1
     torch.testing.assert_close(sel.weights[0].flatten().double(), torch.sigmoid(torch.tensor([1.5, 0.5], dtype=torch.float64)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(case, st.sampled_from(["float32", "float64"]))
+def test_compiled_cpu_selection_equals_torch_path(c, arithmetic):
+    """The numba selection (CPU fast path) and the torch path give the same ids and weights."""
+    k = _k(c)
+    spec = RouterSpec(c["E"], k, "softmax", c["renorm"])
+    Z = random_logits(c["seed"], c["L"], c["B"], c["E"], quantum=c["quantum"], dtype=torch.float32)
+    pol = Lynx(spec, c["alpha"], c["beta"], arithmetic=arithmetic)
+    batch = make_batch(Z, spec)
+    assert pol._compiled_path(Z)
+    fast_ids, fast_w = pol.route(batch)
+    pol._compiled_path = lambda Z: False  # force the torch path
+    slow_ids, slow_w = pol.route(batch)
+    assert torch.equal(fast_ids, slow_ids)
+    torch.testing.assert_close(fast_w, slow_w, rtol=1e-6, atol=1e-7)

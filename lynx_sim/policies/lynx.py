@@ -109,16 +109,15 @@ class Lynx(Policy):
         return topk_lowest_index(key, k)[1]
 
     def _picks_ranked(self, logits: torch.Tensor) -> torch.Tensor:
-        """The same picks without sorting every row (fast path, bins with a floor).
+        """The same picks without sorting every row (fast path, bins with a floor)."""
+        return topk_set(self._ranked_scores(logits), self.router.top_k)
+
+    def _rank_tables(self, Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """bins [L, B, E] and each expert's rank inside every bin level, rank [L, J, E] (0 = first).
 
         Inside one bin level j every token adds the same B**j to its own count, so experts of
         that level rank by a per-layer value v_j[e] = j + (S[e] - B**j) / B, computed with the
-        very operations the per-element key uses (bit-identical in either arithmetic). Ranking
-        the E experts of each level once per layer, [L, J, E], turns the key into unique
-        integers bin x E + (E - 1 - rank), whose plain top-k is the key's top-k with ties to the
-        lowest index.
-        """
-        Z = logits.to(ARITHMETIC[self.arithmetic])
+        very operations the per-element key uses (bit-identical in either arithmetic)."""
         L, B, E = Z.shape
         bins = torch.ceil(self.alpha * (Z - Z.amax(-1, keepdim=True))).clamp_min_(-self.beta)  # [L, B, E]
         base = torch.tensor(float(B), dtype=Z.dtype)
@@ -130,15 +129,20 @@ class Lynx(Policy):
             S = torch.pow(base, bins).sum(-2)  # [L, E]
             v = levels[:, None] + (S[:, None, :] - torch.pow(base, levels)[:, None]) / B  # [L, J, E]
         order = torch.sort(v, dim=-1, descending=True, stable=True).indices  # [L, J, E]
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(E).expand_as(order))
-        rank = rank.to(Z.dtype)
-        own = rank[:, -1:, :].expand(L, B, E)  # [L, B, E]: each element's rank inside its own level
-        for j in range(self.beta):  # levels 0..-(beta-1); the floor level is the default
-            own = torch.where(bins == -j, rank[:, j:j + 1, :], own)
-        score = bins * E + (E - 1) - own  # unique integers per token
+        return bins, torch.empty_like(order).scatter_(-1, order, torch.arange(E).expand_as(order))
+
+    def _ranked_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Unique integer scores [L, B, E] whose per-token top-k are the picks: bin x E + (E - 1
+        - rank of the expert inside the token's own level); their order is the key's order with
+        ties to the lowest index."""
+        Z = logits.to(ARITHMETIC[self.arithmetic])
+        E = Z.shape[-1]
+        bins, rank = self._rank_tables(Z)
+        own = torch.gather(rank, 1, (-bins).long()).to(Z.dtype)  # [L, B, E]
+        score = bins * E + (E - 1) - own
         if self.router.kind == "grouped_topk":
             score = score.masked_fill(~group_mask(torch.softmax(Z, dim=-1), self.router), float("-inf"))
-        return topk_set(score, self.router.top_k)
+        return score
 
     def keep_mask(self, logits: torch.Tensor) -> torch.Tensor:
         """KEEP [L, E] bool: the union over tokens of their picks."""
@@ -148,6 +152,8 @@ class Lynx(Policy):
 
     def route(self, batch: BatchRouting):
         Z = batch.logits.to(ARITHMETIC[self.arithmetic])  # [L, B, E]
+        if self._compiled_path(Z):
+            return self._route_compiled(Z)
         keep = self.keep_mask(Z)
         if self.router.kind != "softmax":
             ids, w = route(Z, self.router, allowed=keep[:, None, :])  # remapping
@@ -162,6 +168,24 @@ class Lynx(Policy):
         if not self.router.renormalize:
             w = w * self._topk_mass(Z, batch)
         return ids, w.float()
+
+    def _compiled_path(self, Z: torch.Tensor) -> bool:
+        """The numba selection serves softmax routers with a beta floor and the plugin's tie-break, on the CPU."""
+        return (Z.device.type == "cpu" and self.router.kind == "softmax" and self.beta is not None
+                and self.tie_break == "lowest_index")
+
+    def _route_compiled(self, Z: torch.Tensor):
+        from .lynx_cpu import lynx_select
+
+        bins, rank = self._rank_tables(Z)
+        _, ids, top, full = lynx_select(bins.numpy(), rank.numpy(), Z.contiguous().numpy(), self.router.top_k,
+                                        not self.router.renormalize)
+        top = torch.from_numpy(top)
+        w = torch.softmax(top, dim=-1)
+        if not self.router.renormalize:
+            full = torch.from_numpy(full)
+            w = w * torch.exp(torch.logsumexp(full, -1, keepdim=True) - torch.logsumexp(Z, -1, keepdim=True))
+        return torch.from_numpy(ids), w.float()
 
     def _topk_mass(self, Z: torch.Tensor, batch: BatchRouting) -> torch.Tensor:
         """mass_t: the sum of the k largest full-softmax probabilities, [L, B, 1]."""
