@@ -20,6 +20,9 @@ floor, so their float64 key is the plain formula in float64 (not guaranteed exac
 Tie-break: `lowest_index` as the plugin's repeated argmax; `own_logit` orders equal keys by the
 token's own logit first, so a confident token keeps its top-1 even at B = 1.
 
+On the CPU, softmax routers with a beta floor and the plugin's tie-break run the selection in
+compiled kernels (`lynx_cpu.py`), with results equal to the torch path used elsewhere.
+
 Router kinds: softmax (as above); sigmoid (bins on raw logits, no beta floor, sigmoid of the
 chosen logits as weights); grouped top-k (DeepSeek-V2/V3): bins and batch scores on the raw
 logits over all E experts, but each token picks only inside its own `topk_group` best groups
@@ -87,8 +90,26 @@ class Lynx(Policy):
             w = torch.pow(torch.tensor(float(B), dtype=Z.dtype), bins + self.beta)  # integers
             return bins * scale + (w.sum(-2, keepdim=True) - w), bins
         w = torch.pow(torch.tensor(float(B), dtype=Z.dtype), bins)  # [L, B, E]
-        S = w.sum(-2, keepdim=True)  # [L, 1, E]
+        S = self._column_sums(bins, B, Z.dtype)[:, None, :] if self.beta is not None else w.sum(-2, keepdim=True)
         return bins + (S - w) / B, bins
+
+    def _column_sums(self, bins: torch.Tensor, B: int, dtype) -> torch.Tensor:
+        """S[l, e] = sum over tokens of B**bin, [L, E], summed per level in a fixed order:
+        sum_j n_j[e] x B**-j (n_j: tokens with e in bin -j). Mathematically the column sum; in
+        float32 its rounding is fixed by this order (the plugin's atomic adds have none), and it
+        is exact for power-of-two B. In float64 mode the caller scales it to integers."""
+        levels = -torch.arange(self.beta + 1, dtype=dtype)
+        table = torch.pow(torch.tensor(float(B), dtype=dtype), levels)  # [J]
+        if bins.device.type == "cpu":  # one compiled pass; counts are integers, so exact either way
+            from .lynx_cpu import level_counts
+
+            n = torch.from_numpy(level_counts(bins.contiguous().numpy(), self.beta + 1)).to(dtype)  # [L, J, E]
+        else:
+            n = torch.stack([(bins == -j).sum(-2) for j in range(self.beta + 1)], 1).to(dtype)
+        S = torch.zeros(bins.shape[0], bins.shape[-1], dtype=dtype)
+        for j in range(self.beta + 1):
+            S += n[:, j] * table[j]
+        return S
 
     def picks(self, logits: torch.Tensor) -> torch.Tensor:
         """Pruning, per token: the k experts with the largest keys, [L, B, k] (order not meaningful)."""
@@ -126,9 +147,10 @@ class Lynx(Policy):
             S = torch.pow(base, bins + self.beta).sum(-2)  # [L, E]
             v = levels[:, None] * float(B) ** (self.beta + 1) + (S[:, None, :] - torch.pow(base, levels + self.beta)[:, None])
         else:
-            S = torch.pow(base, bins).sum(-2)  # [L, E]
+            S = self._column_sums(bins, B, Z.dtype)  # [L, E]
             v = levels[:, None] + (S[:, None, :] - torch.pow(base, levels)[:, None]) / B  # [L, J, E]
         order = torch.sort(v, dim=-1, descending=True, stable=True).indices  # [L, J, E]
+        self._floor_order = order[:, -1, :]  # [L, E]: experts by rank inside the floor level
         return bins, torch.empty_like(order).scatter_(-1, order, torch.arange(E).expand_as(order))
 
     def _ranked_scores(self, logits: torch.Tensor) -> torch.Tensor:
@@ -178,14 +200,9 @@ class Lynx(Policy):
         from .lynx_cpu import lynx_select
 
         bins, rank = self._rank_tables(Z)
-        _, ids, top, full = lynx_select(bins.numpy(), rank.numpy(), Z.contiguous().numpy(), self.router.top_k,
-                                        not self.router.renormalize)
-        top = torch.from_numpy(top)
-        w = torch.softmax(top, dim=-1)
-        if not self.router.renormalize:
-            full = torch.from_numpy(full)
-            w = w * torch.exp(torch.logsumexp(full, -1, keepdim=True) - torch.logsumexp(Z, -1, keepdim=True))
-        return torch.from_numpy(ids), w.float()
+        _, ids, w = lynx_select(bins.numpy(), rank.numpy(), self._floor_order.contiguous().numpy(),
+                                Z.contiguous().numpy(), self.router.top_k, not self.router.renormalize)
+        return torch.from_numpy(ids), torch.from_numpy(w).float()
 
     def _topk_mass(self, Z: torch.Tensor, batch: BatchRouting) -> torch.Tensor:
         """mass_t: the sum of the k largest full-softmax probabilities, [L, B, 1]."""
