@@ -95,3 +95,21 @@ def test_calibration_file_overrides_assumed_factors(tmp_path):
         h.calibrated(path)
     with pytest.raises(ValueError, match="readable JSON"):
         h.calibrated(tmp_path / "absent.json")
+
+
+def test_every_hardware_is_complete_and_ordered_by_bandwidth():
+    """Datasheet peaks present, efficiency factors in (0, 1], and decode MoE time falls as HBM
+    bandwidth rises (memory-bound decode)."""
+    from conftest import CONF_DIR as conf
+
+    times = {}
+    for path in sorted((conf / "hardware").glob("*.yaml")):
+        h = HardwareSpec.from_cfg(OmegaConf.load(path))
+        assert h.hbm_bandwidth_gbps > 0 and h.bf16_tflops > 0 and h.fp8_tflops >= h.bf16_tflops and h.memory_gib > 0
+        assert 0 < h.bandwidth_efficiency <= 1 and 0 < h.flops_efficiency <= 1
+        m = ModelSpec.from_cfg(OmegaConf.load(CONF_DIR / "model" / "mixtral_8x7b.yaml"))
+        counts = np.zeros((1, 8), dtype=np.int64)
+        counts[0, :6] = 2
+        times[h.name] = Roofline(m, h).moe_layers_s(counts)[0]
+    by_time = sorted(times, key=times.get)
+    assert by_time[:3] == ["b200", "mi300x", "h200"] and by_time[-1] == "l40s", by_time
