@@ -2,9 +2,10 @@
 
 DIR is any folder holding run directories (a hydra multirun folder, or several): every
 `summary.json` below it becomes one row of `report.csv`. Plots (PNG, in OUT, default DIR):
-- `pareto_<measure>.png`: modelled speedup against each fidelity measure, one colour per policy,
-  one panel per batch size; the Pareto-optimal points of each panel are ringed (higher speedup
-  and better fidelity: higher retention or mass, lower slots changed or KL);
+- `pareto_<measure>.png` (`pareto_<measure>_<model>_<hardware>.png` when the sweep holds several
+  models or GPUs): modelled speedup against each fidelity measure, one colour per policy, one
+  panel per batch size; the Pareto-optimal points of each panel are ringed (higher speedup and
+  better fidelity: higher retention or mass, lower slots changed or KL), never across models;
 - `distinct_experts.png`: distinct experts per MoE layer against batch size, one line per policy,
   vanilla dashed.
 """
@@ -26,6 +27,8 @@ MEASURES = {"top1_retention": True, "gate_mass_retained": True, "slots_changed":
 def gather(root: str | Path) -> pd.DataFrame:
     """One row per summary.json under `root`; raises when there is none."""
     root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder")
     rows = []
     for path in sorted(root.rglob("summary.json")):
         s = json.loads(path.read_text())
@@ -54,16 +57,10 @@ def pareto_mask(speedup: np.ndarray, fidelity: np.ndarray, higher_is_better: boo
     return mask
 
 
-def plot(df: pd.DataFrame, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _pareto_figures(df: pd.DataFrame, out: Path, suffix: str, colours: dict, policies: list, title: str) -> list[Path]:
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
     written = []
-    policies = sorted(df.policy.unique())
-    colours = {p: plt.cm.tab20(i % 20) for i, p in enumerate(policies)}
     batches = sorted(df.batch.unique())
     for measure, higher in MEASURES.items():
         col = measure if measure in df else f"{measure}_policy"
@@ -80,10 +77,28 @@ def plot(df: pd.DataFrame, out: Path) -> list[Path]:
                        label="Pareto front")
             ax.set(title=f"batch {B}", xlabel=measure, ylabel="modelled speedup vs vanilla")
         axes[0][0].legend(fontsize=7)
+        fig.suptitle(title, fontsize=9)
         fig.tight_layout()
-        written.append(out / f"pareto_{measure}.png")
+        written.append(out / f"pareto_{measure}{suffix}.png")
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
+    return written
+
+
+def plot(df: pd.DataFrame, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    policies = sorted(df.policy.unique())
+    colours = {p: plt.cm.tab20(i % 20) for i, p in enumerate(policies)}
+    groups = list(df.groupby(["model", "hardware"]))
+    for (model, hardware), part in groups:
+        suffix = f"_{model}_{hardware}" if len(groups) > 1 else ""
+        written += _pareto_figures(part, out, suffix, colours, policies, f"{model} on {hardware}")
     fig, ax = plt.subplots(figsize=(6, 4))
     for (model, p), sub in df.groupby(["model", "policy"]):
         sub = sub.groupby("batch").distinct_experts_policy.mean()

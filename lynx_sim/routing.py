@@ -113,18 +113,17 @@ def scores_from_logits(logits: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
 def route(logits: torch.Tensor, spec: RouterSpec, allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's top-k routing. logits: [..., E]; allowed: optional bool mask [..., E] (broadcast).
 
-    Returns ids [..., k] (int64, by falling score) and weights [..., k]. Softmax routers take
-    softmax probabilities (over the allowed experts when a mask is given), renormalised to sum 1
-    when the model does so; grouped routers first restrict each token to its best groups.
+    Returns ids [..., k] (int64, by falling score) and weights [..., k]: the router's scores
+    (softmax over all E experts, or sigmoids) of the chosen experts, renormalised to sum 1 when
+    the model does so. Grouped routers (DeepSeek-V2 style) first restrict each token to its
+    `topk_group` best groups (group score = its best expert's score), then take the top-k of the
+    unmasked softmax scores. `allowed` restricts the choice the same way (softmax over all E).
     """
-    z = logits
+    scores = scores_from_logits(logits, spec)
     if spec.kind == "grouped_topk":
-        gm = group_mask(torch.softmax(z, dim=-1), spec)
+        gm = group_mask(scores, spec)
         allowed = gm if allowed is None else (allowed & gm)
     if allowed is not None:
-        z = z.masked_fill(~allowed, float("-inf"))
-    scores = scores_from_logits(z, spec)
-    if spec.kind == "sigmoid" and allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     w, ids = topk_lowest_index(scores, spec.top_k)
     if spec.renormalize:

@@ -27,6 +27,9 @@ def run(cfg, out_dir: str | Path | None = None, quiet: bool = False) -> dict:
     t0 = time.perf_counter()
     if cfg.workload.kind != "closed":
         raise ValueError(f"workload.kind: only 'closed' is implemented, found {cfg.workload.kind!r}")
+    for key, value in (("batch", cfg.batch), ("workload.steps", cfg.workload.steps), ("seed", cfg.seed)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "seed" else 1):
+            raise ValueError(f"{key}: expected an integer >= {0 if key == 'seed' else 1}, found {value!r}")
     model = ModelSpec.from_cfg(cfg.model)
     hw = HardwareSpec.from_cfg(cfg.hardware)
     source = build_source(cfg, model)
@@ -49,6 +52,9 @@ def run(cfg, out_dir: str | Path | None = None, quiet: bool = False) -> dict:
     if replay.reused:
         approximations.append(f"trace ran out of requests: {replay.reused} admissions replay a used request "
                               "from a random token offset")
+    note = cfg.model.moe.get("router_approximation")
+    if note:
+        approximations.append(f"router of {model.name}: {note}")
     if hw.calibrated_from is None:
         approximations.append("cost model efficiency factors are assumed, not calibrated on this GPU")
     approximations.append("closed-loop decode only: prefill of new requests is not modelled")
@@ -57,7 +63,7 @@ def run(cfg, out_dir: str | Path | None = None, quiet: bool = False) -> dict:
         "trace": source.name, "seed": int(cfg.seed), "policy_params": policy.params(),
         **recorder.summary(),
         "simulated_s": sim_s, "wall_s": round(time.perf_counter() - t0, 3),
-        "exact": not (replay.prefill_as_decode or replay.reused or fill),
+        "exact": not (replay.prefill_as_decode or replay.reused or fill or note),
         "approximations": approximations,
     }
     if out_dir is not None:
@@ -78,6 +84,10 @@ def _missing_logits(cfg, policy, source, approximations: list) -> bool:
         raise ValueError(f"approximate_missing: expected null or 'lowest_bin', found {mode!r}")
     if mode is None or "logits" not in policy.needs or "logits" in source.fields:
         return False
+    if "weights" not in source.fields:
+        raise ValueError(f"{source.name}: approximate_missing=lowest_bin needs the trace's gate weights: with ids "
+                         f"alone every recorded expert would share bin 0 and every other expert the lowest bin, so "
+                         f"'{policy.name}' could never change a token's experts (a meaningless 1.0x)")
     approximations.append("trace has no router logits: experts outside each token's recorded top-k take the "
                           "lowest Lynx bin (logits = log weights inside the top-k, far below outside)")
     return True

@@ -205,11 +205,12 @@ def test_prune_fewer_kept_than_k():
 
 @pytest.mark.parametrize("renorm", [True, False])
 def test_prune_reroutes_as_route_with_allowed_mask(renorm):
-    """The re-routed tokens get exactly route(logits, router, allowed=KEPT) (n >= k)."""
+    """The re-routed tokens get exactly the pruned router's routing: route() of the logits with
+    the pruned experts' rows removed (masked to -inf), n >= k."""
     spec, batch = random_batch(11, L=3, B=40, E=16, k=4, renorm=renorm)
     pol = built("prune", spec, 3, keep_fraction=0.5)
     sel = pol.select(batch)
-    ref_ids, ref_w = route(batch.logits, spec, allowed=pol.kept[:, None, :])
+    ref_ids, ref_w = route(batch.logits.masked_fill(~pol.kept[:, None, :], float("-inf")), spec)
     hit = ~pol.kept[:, None, :].expand(3, 40, 16).gather(-1, batch.ids).all(-1)  # [L, B] affected
     assert hit.any() and (~hit).any()
     assert torch.equal(sel.ids[hit], ref_ids[hit]) and torch.equal(sel.ids[~hit], batch.ids[~hit])

@@ -101,3 +101,41 @@ def test_every_policy_has_a_config_and_declares_its_needs():
     for name, cls in POLICIES.items():
         assert set(cls.needs) <= {"ids", "weights", "logits"}, name
         assert config_params(name) is not None
+
+
+variants = st.fixed_dictionaries({
+    "seed": st.integers(0, 10**6), "L": st.integers(1, 2), "B": st.integers(1, 17), "half_E": st.integers(2, 10),
+    "kfrac": st.floats(0, 1), "renorm": st.booleans(), "router": st.sampled_from(["softmax", "sigmoid", "grouped_topk"]),
+    "inputs": st.sampled_from(["full", "no_logits", "ids_ordered", "ids_unordered"]),
+})
+
+
+@pytest.mark.parametrize("name", NAMES)
+@settings(max_examples=25, deadline=None)
+@given(c=variants)
+def test_router_kinds_and_missing_inputs(name, c):
+    """Every rule on every router kind and every input a trace may lack: either a clear
+    PolicyInputError naming what is missing, or an answer that keeps the output convention."""
+    from lynx_sim.policies import PolicyInputError
+
+    E = 2 * c["half_E"]
+    k = 1 + int(c["kfrac"] * (min(E // 2, 6) - 1))
+    groups = (2, 1) if c["router"] == "grouped_topk" else (1, 1)
+    spec = RouterSpec(E, k, c["router"], c["renorm"], *groups)
+    Z = torch.from_numpy(np.random.default_rng(c["seed"]).normal(size=(c["L"], c["B"], E)) * 2).float()
+    ids, w = route(Z, spec)
+    if c["inputs"] == "ids_unordered":
+        ids = ids.flip(-1)
+    batch = BatchRouting(ids, None if c["inputs"].startswith("ids") else w, Z if c["inputs"] == "full" else None,
+                         ids_ordered=c["inputs"] != "ids_unordered")
+    pol = build(name, spec, c["L"], c["seed"])
+    try:
+        sel = pol.select(batch)
+    except PolicyInputError as e:
+        missing = [n for n in POLICIES[name].needs if getattr(batch, n) is None]
+        assert missing or "order" in str(e), f"refused a batch that has everything it declares: {e}"
+        return
+    kept = sel.ids != DROPPED
+    assert kept.any(-1).all() and (sel.ids < E).all()
+    if sel.weights is not None:
+        assert torch.isfinite(sel.weights).all() and (sel.weights >= 0).all()

@@ -42,6 +42,26 @@ def test_multirun_sweep_and_report(tmp_path, capsys):
 def test_report_on_an_empty_folder_is_a_clear_error(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "no summary.json" in capsys.readouterr().err
+    assert main([str(tmp_path / "absent")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_pareto_front_never_spans_models(tmp_path):
+    """Two models in one sweep: one set of figures each, fronts computed within a model."""
+    import json
+
+    from lynx_sim.report import plot
+
+    for i, (model, speed) in enumerate((("m1", 1.5), ("m2", 3.0), ("m1", 1.0), ("m2", 1.0))):
+        d = tmp_path / str(i)
+        d.mkdir()
+        pol = "lynx" if speed > 1 else "vanilla"
+        (d / "summary.json").write_text(json.dumps({
+            "policy": pol, "model": model, "hardware": "h100_sxm", "batch": 8, "speedup": speed,
+            "top1_retention": 0.9 if pol == "lynx" else 1.0, "gate_mass_retained": 0.9 if pol == "lynx" else 1.0,
+            "slots_changed": 0.1 if pol == "lynx" else 0.0, "distinct_experts": {"policy": 4, "vanilla": 6}}))
+    written = {p.name for p in plot(gather(tmp_path), tmp_path / "out")}
+    assert {"pareto_top1_retention_m1_h100_sxm.png", "pareto_top1_retention_m2_h100_sxm.png"} <= written
 
 
 @pytest.mark.parametrize("study", ["policy_pareto", "lynx_alpha_beta"])

@@ -39,7 +39,17 @@ def test_mask_restricts_choice():
     allowed = torch.tensor([[False, True, False, True]])
     ids, w = route(z, RouterSpec(4, 2, renormalize=False), allowed)
     assert ids.tolist() == [[1, 3]]
-    torch.testing.assert_close(w.sum(), torch.tensor(1.0))  # softmax over the allowed experts
+    torch.testing.assert_close(w, torch.softmax(z, -1)[:, [1, 3]])  # the full softmax's scores of the allowed experts
+
+
+def test_grouped_non_renormalising_weights_are_the_full_softmax():
+    """DeepSeek-V2 without renormalisation: softmax over all E, groups masked, top-k (review finding)."""
+    z = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0, -2.0, -3.0]])
+    spec = RouterSpec(8, 2, "grouped_topk", renormalize=False, n_group=4, topk_group=1)
+    ids, w = route(z, spec)
+    p = torch.softmax(z, -1)
+    assert ids.tolist() == [[5, 4]]  # group 2 (experts 4, 5) holds the best expert
+    torch.testing.assert_close(w, p[:, [5, 4]])
 
 
 def test_sigmoid_router():

@@ -84,3 +84,22 @@ def test_unknown_model_needs_router_settings(tmp_path):
         reference_to_arrays(path)
     a = reference_to_arrays(path, router="softmax", renormalize=False)
     assert a.meta.router == "softmax" and not a.meta.renormalize and not a.meta.ids_ordered
+
+
+def test_synth_cli_writes_a_self_consistent_trace(tmp_path, capsys):
+    """ids and weights are the router's choice on the logits as stored (float16), not before rounding."""
+    import torch
+
+    from lynx_sim.routing import RouterSpec, route
+
+    dst = tmp_path / "s.safetensors"
+    assert main(["synth", "--model", "qwen3_30b_a3b", "--requests", "2", "--set", "output_tokens.max=20",
+                 "--set", "output_tokens.min=10", "--set", "prompt_tokens.max=8", "--set", "prompt_tokens.min=4", str(dst)]) == 0
+    tr = open_trace(dst)
+    ids, w = route(torch.from_numpy(tr.read("logits")), RouterSpec(128, 8))
+    assert torch.equal(ids, torch.from_numpy(tr.read("ids")))
+    torch.testing.assert_close(w, torch.from_numpy(tr.read("weights")), atol=1e-3, rtol=1e-3)
+    assert main(["synth", "--model", "nonexistent", str(dst)]) == 2
+    assert "expected one of" in capsys.readouterr().err
+    assert main(["synth", "--requests", "0", str(dst)]) == 2
+    assert "--requests" in capsys.readouterr().err

@@ -51,12 +51,14 @@ class Roofline:
     def _time(self, bytes_, flops, fps) -> np.ndarray:
         return np.maximum(np.asarray(bytes_, dtype=np.float64) / self.bw, np.asarray(flops, dtype=np.float64) / fps)
 
-    def moe_layers_s(self, expert_tokens: np.ndarray) -> np.ndarray:
-        """expert_tokens [L, E] (tokens each expert got) -> seconds per MoE layer [L]."""
+    def moe_layers_s(self, expert_tokens: np.ndarray, batch: int | None = None) -> np.ndarray:
+        """expert_tokens [L, E] (tokens each expert got) -> seconds per MoE layer [L]. `batch`:
+        tokens in the step (router and shared experts see all of them, whatever a policy dropped);
+        default: assignments / k, exact when no slot was dropped."""
         m = self.model
         distinct = (expert_tokens > 0).sum(-1)
         assigned = expert_tokens.sum(-1)
-        tokens = assigned / m.top_k
+        tokens = assigned / m.top_k if batch is None else batch
         router_params = m.hidden_size * m.num_experts
         bytes_ = distinct * m.expert_bytes + m.shared_expert_bytes + router_params * m.dense_weight_bytes
         shared_params = 3 * m.hidden_size * m.shared_intermediate_size
@@ -110,6 +112,6 @@ class Roofline:
 
     def step(self, batch: int, context_tokens: int, expert_tokens: np.ndarray) -> StepCost:
         """Cost of one decode step of `batch` tokens whose MoE layers received `expert_tokens` [L, E]."""
-        moe = self.moe_layers_s(expert_tokens)
+        moe = self.moe_layers_s(expert_tokens, batch)
         return StepCost(self.attention_s(batch, context_tokens), self.dense_ffn_s(batch), float(moe.sum()),
                         self.lm_head_s(batch), self.hw.step_overhead_us * 1e-6, moe)

@@ -72,7 +72,9 @@ class ClosedLoopReplay:
         else:
             logits = None
         context = int(sum(int(r.position[c]) + 1 for r, c in cur))
-        return BatchRouting(ids, weights, logits, decode=None, ids_ordered=first.meta.ids_ordered), context
+        filled = first.logits is None and logits is not None
+        return BatchRouting(ids, weights, logits, decode=None, ids_ordered=first.meta.ids_ordered,
+                            logits_filled=filled), context
 
     def advance(self) -> None:
         """Every slot decodes one token; finished requests are replaced by the next ones."""

@@ -44,6 +44,7 @@ class BatchRouting:
     logits: torch.Tensor | None = None  # [L, B, E] raw router logits
     decode: torch.Tensor | None = None  # [B] bool, True for decode tokens (None: all decode)
     ids_ordered: bool = True  # slot 0 holds each token's top-1 expert
+    logits_filled: bool = False  # logits are stand-ins (approximate.py): fidelity must not read them
 
     @property
     def num_tokens(self) -> int:

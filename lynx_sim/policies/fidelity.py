@@ -6,8 +6,9 @@
   still uses (uniform 1/k weights when the trace has none), averaged over tokens.
 - slots_changed: fraction of the original token-expert assignments that are gone.
 - kl_to_router_nats: KL(q || p) of the mixture weights actually used (q, normalised to sum 1)
-  against the router's full softmax over all E experts (p); softmax routers with logits only,
-  else NaN. Vanilla's own value is the cost of top-k truncation itself.
+  against the router's full softmax over all E experts (p); softmax and grouped routers with
+  recorded logits only (not stand-ins), else NaN. Vanilla's value is the cost of top-k
+  truncation itself.
 - distinct_experts: experts that received at least one token (the weights a decode step reads);
   tokens_per_active_expert: assignments / distinct experts; experts_per_token: kept slots.
 - expert_tokens: token count of every expert, [L, E], what the cost model consumes.
@@ -52,7 +53,7 @@ def original_top1(batch: "BatchRouting") -> torch.Tensor | None:
     """Each token's original top-1 expert, [L, B]; None when the trace cannot say (unordered ids only)."""
     if batch.weights is not None:
         return batch.ids.gather(-1, batch.weights.argmax(-1, keepdim=True)).squeeze(-1)
-    if batch.logits is not None:
+    if batch.logits is not None and not batch.logits_filled:
         return batch.logits.argmax(-1)
     return batch.ids[..., 0] if batch.ids_ordered else None
 
@@ -60,7 +61,7 @@ def original_top1(batch: "BatchRouting") -> torch.Tensor | None:
 def kl_to_router(batch: "BatchRouting", ids: torch.Tensor, weights: torch.Tensor | None, router: "RouterSpec") -> torch.Tensor:
     """Mean over tokens of KL(q || softmax(logits)), [L]; NaN where it is not defined."""
     L = ids.shape[0]
-    if batch.logits is None or weights is None or router.kind == "sigmoid":
+    if batch.logits is None or batch.logits_filled or weights is None or router.kind == "sigmoid":
         return torch.full((L,), float("nan"), dtype=torch.float64)
     z = batch.logits
     logp = (z.gather(-1, ids.clamp_min(0)) - torch.logsumexp(z, -1, keepdim=True)).double()  # [L, B, k]

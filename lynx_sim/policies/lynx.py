@@ -83,10 +83,7 @@ class Lynx(Policy):
         if self.beta is not None:
             bins = bins.clamp_min(-self.beta)
         if self.arithmetic == "float64" and self.beta is not None:
-            scale = float(B) ** (self.beta + 1)
-            if (self.beta + 1) * scale >= 2.0 ** 53:
-                raise ValueError(f"policy 'lynx': float64 keys are exact only while (beta+1) * B**(beta+1) < 2**53; "
-                                 f"B={B}, beta={self.beta} exceeds it")
+            scale = self._exact_scale(B)
             w = torch.pow(torch.tensor(float(B), dtype=Z.dtype), bins + self.beta)  # integers
             return bins * scale + (w.sum(-2, keepdim=True) - w), bins
         w = torch.pow(torch.tensor(float(B), dtype=Z.dtype), bins)  # [L, B, E]
@@ -110,6 +107,14 @@ class Lynx(Policy):
         for j in range(self.beta + 1):
             S += n[:, j] * table[j]
         return S
+
+    def _exact_scale(self, B: int) -> float:
+        """B**(beta+1), the float64 key scale; refuses batches where integers would round."""
+        scale = float(B) ** (self.beta + 1)
+        if (self.beta + 1) * scale >= 2.0 ** 53:
+            raise ValueError(f"policy 'lynx': float64 keys are exact only while (beta+1) * B**(beta+1) < 2**53; "
+                             f"B={B}, beta={self.beta} exceeds it (use arithmetic=float32 or a smaller beta)")
+        return scale
 
     def picks(self, logits: torch.Tensor) -> torch.Tensor:
         """Pruning, per token: the k experts with the largest keys, [L, B, k] (order not meaningful)."""
@@ -144,8 +149,9 @@ class Lynx(Policy):
         base = torch.tensor(float(B), dtype=Z.dtype)
         levels = -torch.arange(self.beta + 1, dtype=Z.dtype)  # [J]: 0, -1, ..., -beta
         if self.arithmetic == "float64":  # integer-scaled, as keys(): exact
+            scale = self._exact_scale(B)
             S = torch.pow(base, bins + self.beta).sum(-2)  # [L, E]
-            v = levels[:, None] * float(B) ** (self.beta + 1) + (S[:, None, :] - torch.pow(base, levels + self.beta)[:, None])
+            v = levels[:, None] * scale + (S[:, None, :] - torch.pow(base, levels + self.beta)[:, None])
         else:
             S = self._column_sums(bins, B, Z.dtype)  # [L, E]
             v = levels[:, None] + (S[:, None, :] - torch.pow(base, levels)[:, None]) / B  # [L, J, E]

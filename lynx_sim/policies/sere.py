@@ -64,8 +64,11 @@ def slot_order(batch: BatchRouting) -> torch.Tensor:
         strength = batch.weights
     elif batch.logits is not None:
         strength = batch.logits.gather(-1, ids)
-    else:
+    elif batch.ids_ordered:
         return torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
+    else:
+        raise PolicyInputError("policy 'sere' needs each token's slot order (its top-S), and this trace has "
+                               "neither weights nor logits and its ids are in no particular order")
     return torch.sort(strength, dim=-1, descending=True, stable=True).indices
 
 

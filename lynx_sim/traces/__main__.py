@@ -35,13 +35,27 @@ def cmd_convert(a) -> int:
 
 
 def cmd_synth(a) -> int:
-    from ..model import ModelSpec
-    from .synth import SynthParams, SyntheticTrace
-    from .writer import write_trace
+    import torch
 
+    from ..model import ModelSpec
+    from ..routing import route
+    from .synth import SynthParams, SyntheticTrace
+    from .writer import _TORCH_FLOAT, write_trace
+
+    models = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    if a.model not in models:
+        raise ValueError(f"--model: expected one of {models}, found {a.model!r}")
+    if a.requests < 1:
+        raise ValueError(f"--requests: expected an integer >= 1, found {a.requests}")
     cfg = _compose(a.model, [f"synth.{kv}" for kv in a.set])
-    gen = SyntheticTrace(ModelSpec.from_cfg(cfg.model), SynthParams.from_cfg(cfg.synth), a.seed)
-    path = write_trace(a.dst, gen.to_arrays(a.requests), float_dtype=a.float_dtype)
+    model = ModelSpec.from_cfg(cfg.model)
+    arrays = SyntheticTrace(model, SynthParams.from_cfg(cfg.synth), a.seed).to_arrays(a.requests)
+    # the file stores logits at float_dtype: derive ids and weights from the stored values, so that
+    # a policy reading the logits and vanilla reading the ids see the same router
+    z = torch.from_numpy(arrays.logits).to(_TORCH_FLOAT[a.float_dtype]).float()
+    ids, w = route(z, model.router)
+    arrays.logits, arrays.ids, arrays.weights = z.numpy(), ids.numpy(), w.float().numpy()
+    path = write_trace(a.dst, arrays, float_dtype=a.float_dtype)
     print(f"wrote {path}: {a.requests} requests of model {a.model}, seed {a.seed}")
     return 0
 

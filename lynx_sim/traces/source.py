@@ -32,8 +32,11 @@ class FileSource:
 
 def check_matches_model(meta, model, where: str) -> None:
     """A trace replayed for a model must have that model's router shape."""
+    r = model.router
     for field, have, want in (("num_experts", meta.num_experts, model.num_experts), ("top_k", meta.top_k, model.top_k),
-                              ("moe layers", meta.num_layers, model.num_moe_layers)):
+                              ("moe layers", meta.num_layers, model.num_moe_layers), ("router", meta.router, r.kind),
+                              ("renormalize", meta.renormalize, r.renormalize),
+                              ("n_group/topk_group", (meta.n_group, meta.topk_group), (r.n_group, r.topk_group))):
         if have != want:
             raise TraceFormatError(where, field, f"{want} (model={model.name})",
                                    f"{have} (trace recorded from {meta.model!r}); choose the matching model=...")
