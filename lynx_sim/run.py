@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from .cost import HardwareSpec, Roofline
+from .cost import HardwareSpec, Parallel, Roofline
 from .engine.replay import ClosedLoopReplay
 from .engine.simulator import simulate
 from .metrics.recorder import StepRecorder
@@ -33,8 +33,9 @@ def run(cfg, out_dir: str | Path | None = None, quiet: bool = False) -> dict:
     model = ModelSpec.from_cfg(cfg.model)
     hw = HardwareSpec.from_cfg(cfg.hardware)
     source = build_source(cfg, model)
-    cost = Roofline(model, hw)
-    policy = build_policy(cfg.policy, model, expert_time_s=cost.expert_time_s())
+    parallel = Parallel.from_cfg(cfg.get("parallel"))
+    policy = build_policy(cfg.policy, model, expert_time_s=Roofline(model, hw, parallel).expert_time_s())
+    cost = Roofline(model, hw, parallel, policy_overhead_us=policy.overhead_us)
     approximations = []
     fill = _missing_logits(cfg, policy, source, approximations)
     policy.check_available(source.fields | ({"logits"} if fill else set()), source.name)
@@ -45,7 +46,8 @@ def run(cfg, out_dir: str | Path | None = None, quiet: bool = False) -> dict:
             approximations.append(f"policy '{policy.name}' learned its statistics from the replayed trace itself (in-sample)")
     replay = ClosedLoopReplay(source, int(cfg.batch), np.random.default_rng(int(cfg.seed)), fill_missing_logits=fill)
     recorder = StepRecorder(model.num_moe_layers)
-    sim_s = simulate(replay, policy, Vanilla(model.router), cost, recorder, int(cfg.workload.steps))
+    sim_s = simulate(replay, policy, Vanilla(model.router), cost, Roofline(model, hw, parallel), recorder,
+                     int(cfg.workload.steps))
 
     if replay.prefill_as_decode:
         approximations.append("trace has no decode tokens: its prompt tokens are replayed as decode steps")
@@ -58,8 +60,11 @@ def run(cfg, out_dir: str | Path | None = None, quiet: bool = False) -> dict:
     if hw.calibrated_from is None:
         approximations.append("cost model efficiency factors are assumed, not calibrated on this GPU")
     approximations.append("closed-loop decode only: prefill of new requests is not modelled")
+    if policy.overhead_us:
+        approximations.append(f"policy overhead {policy.overhead_us} us per MoE layer is assumed, not measured")
     summary = {
         "policy": policy.name, "batch": int(cfg.batch), "model": model.name, "hardware": hw.name,
+        "gpus": parallel.gpus, "expert_parallel": parallel.expert_parallel,
         "trace": source.name, "seed": int(cfg.seed), "policy_params": policy.params(),
         **recorder.summary(),
         "simulated_s": sim_s, "wall_s": round(time.perf_counter() - t0, 3),

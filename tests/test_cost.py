@@ -113,3 +113,60 @@ def test_every_hardware_is_complete_and_ordered_by_bandwidth():
         times[h.name] = Roofline(m, h).moe_layers_s(counts)[0]
     by_time = sorted(times, key=times.get)
     assert by_time[:3] == ["b200", "mi300x", "h200"] and by_time[-1] == "l40s", by_time
+
+
+def test_tile_padding_rounds_each_expert_up_to_the_block():
+    _, h, r = load("qwen3_30b_a3b")
+    counts = np.array([[17, 1, 0, 32]], dtype=np.int64)
+    np.testing.assert_array_equal(r.padded(counts), [[32, 16, 0, 32]])
+    assert h.moe_block_m == 16
+
+
+def test_policy_overhead_is_paid_per_moe_layer_when_the_rule_runs():
+    m, h, _ = load()
+    r = Roofline(m, h, policy_overhead_us=8.0)
+    counts = np.zeros((32, 8), dtype=np.int64)
+    counts[:, :4] = 4
+    ran, gated = r.step(8, 800, counts, acted=True), r.step(8, 800, counts, acted=False)
+    assert ran.total_s - gated.total_s == pytest.approx(32 * 8e-6)
+    assert ran.policy_s == pytest.approx(32 * 8e-6) and gated.policy_s == 0.0
+
+
+def test_tensor_parallel_splits_weights_and_adds_allreduces():
+    """TP over 2 GPUs: each rank streams half of each distinct expert; the MoE block ends with a
+    ring all-reduce of B x H bf16 values: 2 (g-1)/g x bytes / link + latency."""
+    from lynx_sim.cost import Parallel
+
+    m, h, one = load()
+    two = Roofline(m, h, Parallel(gpus=2))
+    counts = np.zeros((1, 8), dtype=np.int64)
+    counts[0, :4] = 4  # 8 tokens, k = 2, 4 distinct experts: memory-bound
+    B = 8
+    allreduce = 2 * 1 / 2 * B * 4096 * 2 / 900e9 + 10e-6
+    bytes1 = 4 * m.expert_bytes + 4096 * 8 * 2
+    bytes2 = 4 * m.expert_bytes / 2 + 4096 * 8 * 2  # the router is replicated
+    assert one.moe_layers_s(counts, B)[0] == pytest.approx(bytes1 / h.bandwidth_Bps + 12e-6)
+    assert two.moe_layers_s(counts, B)[0] == pytest.approx(bytes2 / h.bandwidth_Bps + 12e-6 + allreduce)
+    assert two.expert_time_s() == pytest.approx(one.expert_time_s() / 2)
+    assert two.comm_s(B, np.repeat(counts, 32, 0)) == pytest.approx(allreduce * (32 + 32))
+
+
+def test_expert_parallel_slowest_rank_gates_the_layer():
+    """EP over 2 GPUs: rank 0 holds experts 0-3, rank 1 experts 4-7. All tokens go to rank 0's
+    experts: rank 0 streams 4 experts and receives half of the 16 assignments from rank 1."""
+    from lynx_sim.cost import Parallel
+
+    m, h, _ = load()
+    ep = Roofline(m, h, Parallel(gpus=2, expert_parallel=True))
+    counts = np.array([[4, 4, 4, 4, 0, 0, 0, 0]])  # 8 tokens x k=2
+    local_tokens = 4  # ceil(8 / 2) tokens per rank for router work
+    bytes0 = 4 * m.expert_bytes + 4096 * 8 * 2
+    t0 = max(bytes0 / h.bandwidth_Bps, (m.expert_flops(4 * 16) + 2 * 4096 * 8 * local_tokens) / h.flops_per_s(2))
+    comm0 = 2 * (16 * 0.5 * 4096 * 2 / 900e9 + 10e-6)
+    assert ep.moe_layers_s(counts, 8)[0] == pytest.approx(t0 + comm0 + 12e-6)
+    balanced = np.array([[2, 2, 2, 2, 2, 2, 2, 2]])  # 8 distinct over two ranks: 4 each, less traffic on rank 0
+    assert ep.moe_layers_s(balanced, 8)[0] < ep.moe_layers_s(counts, 8)[0]
+    with pytest.raises(ValueError, match="must divide num_experts"):
+        Roofline(m, h, Parallel(gpus=3, expert_parallel=True)).moe_layers_s(counts, 8)
+    with pytest.raises(ValueError, match="parallel.gpus"):
+        Parallel(gpus=0)

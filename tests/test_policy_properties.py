@@ -25,7 +25,7 @@ NAMES = sorted(POLICIES)
 
 def config_params(name: str) -> dict:
     cfg = compose_cfg([f"policy={name}", "model=mixtral_8x7b"])
-    return {k: v for k, v in OmegaConf.to_container(cfg.policy, resolve=True).items() if k != "name"}
+    return {k: v for k, v in OmegaConf.to_container(cfg.policy, resolve=True).items() if k not in ("name", "overhead_us")}
 
 
 def build(name, spec, L, seed, params=None, expert_time_s=5e-6):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 CALIBRATED_FIELDS = ("bandwidth_efficiency", "flops_efficiency", "moe_layer_fixed_us",
-                     "attention_layer_fixed_us", "step_overhead_us")
+                     "attention_layer_fixed_us", "step_overhead_us", "collective_latency_us")
 
 
 @dataclass(frozen=True)
@@ -25,12 +25,16 @@ class HardwareSpec:
     moe_layer_fixed_us: float
     attention_layer_fixed_us: float
     step_overhead_us: float
+    collective_latency_us: float = 10.0  # assumed: one small NCCL collective within a node
+    moe_block_m: int = 16  # rows of a grouped-GEMM tile: each expert's tokens are padded to it
     calibrated_from: str | None = None
 
     @classmethod
     def from_cfg(cls, h) -> "HardwareSpec":
-        fields = {k: h[k] for k in cls.__dataclass_fields__ if k != "calibrated_from"}
-        spec = cls(**{k: (str(v) if k == "name" else float(v)) for k, v in fields.items()})
+        optional = {"collective_latency_us", "moe_block_m", "calibrated_from"}
+        fields = {k: h[k] for k in cls.__dataclass_fields__ if k not in optional}
+        fields.update({k: h[k] for k in ("collective_latency_us", "moe_block_m") if h.get(k) is not None})
+        spec = cls(**{k: (str(v) if k == "name" else int(v) if k == "moe_block_m" else float(v)) for k, v in fields.items()})
         return spec.calibrated(h.get("calibration")) if h.get("calibration") else spec
 
     def calibrated(self, path: str | Path) -> "HardwareSpec":
@@ -44,6 +48,11 @@ class HardwareSpec:
         if unknown:
             raise ValueError(f"{path}: field 'factors': expected keys among {CALIBRATED_FIELDS}, found {unknown}")
         return replace(self, **{k: float(v) for k, v in data.get("factors", {}).items()}, calibrated_from=str(path))
+
+    @property
+    def interconnect_Bps(self) -> float:
+        """GPU-to-GPU bandwidth per direction, bytes/s (datasheet; no efficiency factor yet)."""
+        return self.interconnect_gbps * 1e9
 
     @property
     def bandwidth_Bps(self) -> float:

@@ -1,14 +1,19 @@
-"""Roofline cost of one decode step (a walking skeleton; the serving-simulator issue extends it).
+"""Roofline cost of one decode step, term by term (each testable alone).
 
 Each term is max(bytes / achievable bandwidth, FLOPs / achievable FLOP/s) plus a named fixed
 cost. The MoE term is the one policies change: a decode MoE layer streams the weights of every
-distinct expert that received at least one token (LYNX.md section 1), so
+distinct expert that received at least one token (LYNX.md section 1), so on one GPU
 
     moe_layer_s = max((distinct x expert_bytes + shared + router bytes) / BW,
-                      2 x expert_params x assigned_tokens / FLOPS) + moe_layer_fixed
+                      2 x expert_params x padded_tokens / FLOPS) + moe_layer_fixed + policy overhead
 
-Not modelled yet (named so that results say so): tile padding to the kernel's block size,
-tensor/expert parallelism, prefill iterations, CPU scheduling beyond a fixed per-step cost.
+where padded_tokens rounds each expert's tokens up to the kernel's tile rows (`moe_block_m`).
+Over several GPUs (`parallel.py`): tensor parallelism splits every matrix and adds an
+all-reduce after attention and after the MoE block; expert parallelism gives each rank a block
+of experts, adds the all-to-all dispatch and combine, and the slowest rank gates the layer.
+
+Not modelled yet (named so that results say so): prefill iterations, pipeline parallelism,
+overlap of communication with compute, CPU scheduling beyond a fixed per-step cost.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 
 from ..model import ModelSpec
 from .hardware import HardwareSpec
+from .parallel import Parallel, allreduce_s
 
 KV_CACHE_BYTES = 2  # bf16 KV cache
 
@@ -32,7 +38,9 @@ class StepCost:
     moe_s: float
     lm_head_s: float
     overhead_s: float
-    moe_layer_s: np.ndarray  # [L_moe]
+    moe_layer_s: np.ndarray  # [L_moe], communication and policy overhead included
+    comm_s: float = 0.0  # all-reduces and all-to-alls of the step (inside the terms above: a breakdown)
+    policy_s: float = 0.0  # the policy's own routing work (inside moe_s: a breakdown)
 
     @property
     def total_s(self) -> float:
@@ -40,34 +48,73 @@ class StepCost:
 
 
 class Roofline:
-    """Decode-step cost model of one model on one GPU."""
+    """Decode-step cost model of one model on `parallel.gpus` GPUs of one kind."""
 
-    def __init__(self, model: ModelSpec, hw: HardwareSpec):
+    def __init__(self, model: ModelSpec, hw: HardwareSpec, parallel: Parallel | None = None,
+                 policy_overhead_us: float = 0.0):
         self.model, self.hw = model, hw
+        self.par = parallel or Parallel()
         self.bw = hw.bandwidth_Bps
         self.expert_fps = hw.flops_per_s(model.weight_bytes)
         self.dense_fps = hw.flops_per_s(model.dense_weight_bytes)
+        self.link, self.lat = hw.interconnect_Bps, hw.collective_latency_us * 1e-6
+        self.policy_overhead_s = policy_overhead_us * 1e-6
 
     def _time(self, bytes_, flops, fps) -> np.ndarray:
         return np.maximum(np.asarray(bytes_, dtype=np.float64) / self.bw, np.asarray(flops, dtype=np.float64) / fps)
 
-    def moe_layers_s(self, expert_tokens: np.ndarray, batch: int | None = None) -> np.ndarray:
-        """expert_tokens [L, E] (tokens each expert got) -> seconds per MoE layer [L]. `batch`:
-        tokens in the step (router and shared experts see all of them, whatever a policy dropped);
-        default: assignments / k, exact when no slot was dropped."""
-        m = self.model
-        distinct = (expert_tokens > 0).sum(-1)
-        assigned = expert_tokens.sum(-1)
-        tokens = assigned / m.top_k if batch is None else batch
-        router_params = m.hidden_size * m.num_experts
-        bytes_ = distinct * m.expert_bytes + m.shared_expert_bytes + router_params * m.dense_weight_bytes
-        shared_params = 3 * m.hidden_size * m.shared_intermediate_size
-        flops = m.expert_flops(assigned) + 2.0 * (shared_params + router_params) * tokens
-        return self._time(bytes_, flops, self.expert_fps) + self.hw.moe_layer_fixed_us * 1e-6
+    def _tokens_per_rank(self, batch: int) -> int:
+        """Tokens one rank runs attention for: all of them under TP, ceil(B / gpus) under EP's data parallelism."""
+        return -(-batch // self.par.gpus) if self.par.expert_parallel else batch
+
+    def _hidden_allreduce_s(self, batch: int) -> float:
+        return allreduce_s(batch * self.model.hidden_size * 2, self.par.tp, self.link, self.lat)
 
     def expert_time_s(self) -> float:
-        """Memory-bound time of one more distinct expert in a decode MoE layer."""
-        return self.model.expert_bytes / self.bw
+        """Memory-bound time of one more distinct expert in a decode MoE layer (on one rank)."""
+        return self.model.expert_bytes / self.par.tp / self.bw
+
+    def padded(self, expert_tokens: np.ndarray) -> np.ndarray:
+        """Each expert's tokens rounded up to the tile rows; an expert with none stays at 0."""
+        m = self.hw.moe_block_m
+        return -(-expert_tokens // m) * m
+
+    def _moe_rank_s(self, counts: np.ndarray, tokens: float) -> np.ndarray:
+        """Expert, shared-expert and router work of one rank: counts [L, E_rank] -> [L] seconds."""
+        m, tp = self.model, self.par.tp
+        distinct = (counts > 0).sum(-1)
+        router_params = m.hidden_size * m.num_experts
+        shared_params = 3 * m.hidden_size * m.shared_intermediate_size
+        bytes_ = (distinct * m.expert_bytes + m.shared_expert_bytes) / tp + router_params * m.dense_weight_bytes
+        flops = (m.expert_flops(self.padded(counts).sum(-1)) + 2.0 * shared_params * tokens) / tp + 2.0 * router_params * tokens
+        return self._time(bytes_, flops, self.expert_fps)
+
+    def _moe_parts(self, expert_tokens: np.ndarray, batch: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """Per MoE layer: (compute seconds, collective seconds) of the rank that gates it, [L] each."""
+        m = self.model
+        tokens = expert_tokens.sum(-1) / m.top_k if batch is None else np.full(expert_tokens.shape[0], batch)
+        if not self.par.expert_parallel:
+            comm = np.array([self._hidden_allreduce_s(int(t)) for t in tokens])
+            return self._moe_rank_s(expert_tokens, tokens), comm
+        g = self.par.gpus
+        if m.num_experts % g:
+            raise ValueError(f"parallel.gpus={g} must divide num_experts={m.num_experts} under expert parallelism")
+        per_rank = expert_tokens.reshape(expert_tokens.shape[0], g, m.num_experts // g)  # [L, g, E/g]
+        local = np.array([self._tokens_per_rank(int(t)) for t in tokens])
+        compute = np.stack([self._moe_rank_s(per_rank[:, r], local) for r in range(g)], -1)  # [L, g]
+        received = per_rank.sum(-1) * (g - 1) / g * m.hidden_size * 2  # [L, g] bytes from other ranks
+        comm = 2 * (received / self.link + self.lat)  # dispatch + combine all-to-alls
+        gate = (compute + comm).argmax(-1)  # the slowest rank of each layer
+        rows = np.arange(len(gate))
+        return compute[rows, gate], comm[rows, gate]
+
+    def moe_layers_s(self, expert_tokens: np.ndarray, batch: int | None = None, acted: bool = True) -> np.ndarray:
+        """expert_tokens [L, E] (tokens each expert got) -> seconds per MoE layer [L], collectives
+        and policy overhead included. `batch`: tokens in the step (router and shared experts see
+        all of them whatever a policy dropped); default: assignments / k."""
+        compute, comm = self._moe_parts(expert_tokens, batch)
+        fixed = self.hw.moe_layer_fixed_us * 1e-6 + (self.policy_overhead_s if acted else 0.0)
+        return compute + comm + fixed
 
     def attention_params(self) -> int:
         """Attention projection weights of one layer."""
@@ -89,29 +136,47 @@ class Roofline:
         return 2 * a["num_kv_heads"] * a["head_dim"] * KV_CACHE_BYTES
 
     def attention_s(self, batch: int, context_tokens: int) -> float:
-        """All layers' attention for `batch` decode tokens attending to `context_tokens` in total."""
+        """All layers' attention for `batch` decode tokens attending to `context_tokens` in total
+        (per rank: 1/tp of the weights and heads, or under EP 1/gpus of the tokens and context)."""
         m, a = self.model, self.model.attention
+        tp, share = self.par.tp, self._tokens_per_rank(batch) / batch
         params = self.attention_params()
-        bytes_ = params * m.dense_weight_bytes + context_tokens * self.kv_bytes_per_token()
+        bytes_ = params * m.dense_weight_bytes / tp + context_tokens * share * self.kv_bytes_per_token() / tp
         width = a["kv_lora_rank"] + a["qk_rope_head_dim"] if a["kind"] == "mla" else a["head_dim"]
-        flops = 2.0 * params * batch + 4.0 * a["num_heads"] * width * context_tokens
+        flops = (2.0 * params * batch * share + 4.0 * a["num_heads"] * width * context_tokens * share) / tp
         per_layer = float(self._time(bytes_, flops, self.dense_fps)) + self.hw.attention_layer_fixed_us * 1e-6
-        return per_layer * m.num_layers
+        return (per_layer + self._hidden_allreduce_s(batch)) * m.num_layers
 
     def dense_ffn_s(self, batch: int) -> float:
-        """The non-MoE layers' FFNs."""
-        m = self.model
+        """The non-MoE layers' FFNs (split over tp ranks, or data-parallel under EP)."""
+        m, tp = self.model, self.par.tp
         n = m.num_layers - m.num_moe_layers
+        if n == 0:
+            return 0.0
         params = 3 * m.hidden_size * m.dense_intermediate_size
-        return n * float(self._time(params * m.dense_weight_bytes, 2.0 * params * batch, self.dense_fps))
+        local = self._tokens_per_rank(batch)
+        t = float(self._time(params * m.dense_weight_bytes / tp, 2.0 * params * local / tp, self.dense_fps))
+        return n * (t + self._hidden_allreduce_s(batch))
 
     def lm_head_s(self, batch: int) -> float:
-        m = self.model
+        """Vocabulary projection (vocab-parallel under TP; its small gather is not modelled)."""
+        m, tp = self.model, self.par.tp
         params = m.hidden_size * m.vocab_size
-        return float(self._time(params * m.dense_weight_bytes, 2.0 * params * batch, self.dense_fps))
+        local = self._tokens_per_rank(batch)
+        return float(self._time(params * m.dense_weight_bytes / tp, 2.0 * params * local / tp, self.dense_fps))
 
-    def step(self, batch: int, context_tokens: int, expert_tokens: np.ndarray) -> StepCost:
-        """Cost of one decode step of `batch` tokens whose MoE layers received `expert_tokens` [L, E]."""
-        moe = self.moe_layers_s(expert_tokens, batch)
+    def comm_s(self, batch: int, expert_tokens: np.ndarray) -> float:
+        """The step's collectives alone (a breakdown: already inside the other terms)."""
+        m = self.model
+        dense_layers = m.num_layers - m.num_moe_layers
+        return float(self._hidden_allreduce_s(batch) * (m.num_layers + dense_layers)
+                     + self._moe_parts(expert_tokens, batch)[1].sum())
+
+    def step(self, batch: int, context_tokens: int, expert_tokens: np.ndarray, acted: bool = True) -> StepCost:
+        """Cost of one decode step of `batch` tokens whose MoE layers received `expert_tokens` [L, E];
+        `acted`: the policy's rule ran this step (its overhead is paid)."""
+        moe = self.moe_layers_s(expert_tokens, batch, acted)
+        policy = self.policy_overhead_s * self.model.num_moe_layers if acted else 0.0
         return StepCost(self.attention_s(batch, context_tokens), self.dense_ffn_s(batch), float(moe.sum()),
-                        self.lm_head_s(batch), self.hw.step_overhead_us * 1e-6, moe)
+                        self.lm_head_s(batch), self.hw.step_overhead_us * 1e-6, moe,
+                        comm_s=self.comm_s(batch, expert_tokens), policy_s=policy)

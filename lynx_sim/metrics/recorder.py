@@ -29,7 +29,8 @@ class StepRecorder:
                "policy_acted": sel.acted,
                "step_time_ms": cost.total_s * 1e3, "vanilla_step_time_ms": base_cost.total_s * 1e3,
                "moe_time_ms": cost.moe_s * 1e3, "vanilla_moe_time_ms": base_cost.moe_s * 1e3,
-               "attention_time_ms": cost.attention_s * 1e3}
+               "attention_time_ms": cost.attention_s * 1e3, "comm_time_ms": cost.comm_s * 1e3,
+               "policy_overhead_ms": cost.policy_s * 1e3}
         for m, both in MEASURES:
             for prefix, f in (("", sel.fidelity), ("vanilla_", base.fidelity)) if both else (("", sel.fidelity),):
                 per_layer = getattr(f, m).double().numpy()
@@ -53,6 +54,8 @@ class StepRecorder:
             "moe_time_ms": {"policy": float(t.moe_time_ms.mean()), "vanilla": float(t.vanilla_moe_time_ms.mean())},
             "moe_speedup": float(t.vanilla_moe_time_ms.mean() / t.moe_time_ms.mean()),
             "policy_acted_fraction": float(t.policy_acted.mean()),
+            "policy_overhead_ms": float(t.policy_overhead_ms.mean()),
+            "comm_time_ms": float(t.comm_time_ms.mean()),
             "per_layer": {},
         }
         for m, both in MEASURES:

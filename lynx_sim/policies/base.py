@@ -72,6 +72,7 @@ class Policy(ABC):
     decode_only: ClassVar[bool] = False  # act only on batches made entirely of decode tokens
     needs_calibration: ClassVar[bool] = False  # learns from trace statistics in `prepare`
     neutral: ClassVar[dict] = {}  # parameters under which the rule must equal vanilla (tested)
+    overhead_us: float = 0.0  # the rule's own GPU time per MoE layer (set from its config by build_policy)
 
     def __init__(self, ctx: PolicyContext | RouterSpec):
         self.ctx = ctx if isinstance(ctx, PolicyContext) else PolicyContext(ctx)

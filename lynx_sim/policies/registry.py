@@ -27,11 +27,16 @@ def build_policy(cfg, model, expert_time_s: float = 0.0) -> "Policy":
     (only cost-aware rules read it)."""
     from .base import PolicyContext
 
-    params = {k: v for k, v in dict(cfg).items() if k != "name"}
+    params = {k: v for k, v in dict(cfg).items() if k not in ("name", "overhead_us")}
     name = cfg["name"]
     if name not in POLICIES:
         raise ValueError(f"unknown policy '{name}': registered policies are {sorted(POLICIES)}")
     try:
-        return POLICIES[name](PolicyContext(model.router, expert_time_s), **params)
+        policy = POLICIES[name](PolicyContext(model.router, expert_time_s), **params)
     except TypeError as e:
         raise ValueError(f"policy '{name}': bad parameters {params}: {e}") from None
+    overhead = cfg.get("overhead_us", 0.0) or 0.0
+    if not overhead >= 0:
+        raise ValueError(f"policy '{name}': overhead_us: expected a number >= 0, found {overhead!r}")
+    policy.overhead_us = float(overhead)  # the rule's own GPU time per MoE layer, for the cost model
+    return policy
