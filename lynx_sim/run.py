@@ -27,9 +27,11 @@ def run(cfg, out_dir: str | Path | None = None, quiet: bool = False) -> dict:
     t0 = time.perf_counter()
     if cfg.workload.kind != "closed":
         raise ValueError(f"workload.kind: only 'closed' is implemented, found {cfg.workload.kind!r}")
-    for key, value in (("batch", cfg.batch), ("workload.steps", cfg.workload.steps), ("seed", cfg.seed)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "seed" else 1):
-            raise ValueError(f"{key}: expected an integer >= {0 if key == 'seed' else 1}, found {value!r}")
+    warmup = cfg.workload.get("warmup_steps", 0)
+    for key, value, low in (("batch", cfg.batch, 1), ("workload.steps", cfg.workload.steps, 1), ("seed", cfg.seed, 0),
+                            ("workload.warmup_steps", warmup, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{key}: expected an integer >= {low}, found {value!r}")
     model = ModelSpec.from_cfg(cfg.model)
     hw = HardwareSpec.from_cfg(cfg.hardware)
     source = build_source(cfg, model)
@@ -47,7 +49,7 @@ def run(cfg, out_dir: str | Path | None = None, quiet: bool = False) -> dict:
     replay = ClosedLoopReplay(source, int(cfg.batch), np.random.default_rng(int(cfg.seed)), fill_missing_logits=fill)
     recorder = StepRecorder(model.num_moe_layers)
     sim_s = simulate(replay, policy, Vanilla(model.router), cost, Roofline(model, hw, parallel), recorder,
-                     int(cfg.workload.steps))
+                     int(cfg.workload.steps), warmup)
 
     if replay.prefill_as_decode:
         approximations.append("trace has no decode tokens: its prompt tokens are replayed as decode steps")
@@ -66,7 +68,7 @@ def run(cfg, out_dir: str | Path | None = None, quiet: bool = False) -> dict:
         "policy": policy.name, "batch": int(cfg.batch), "model": model.name, "hardware": hw.name,
         "gpus": parallel.gpus, "expert_parallel": parallel.expert_parallel,
         "trace": source.name, "seed": int(cfg.seed), "policy_params": policy.params(),
-        **recorder.summary(),
+        **recorder.summary(), "warmup_steps": warmup,
         "simulated_s": sim_s, "wall_s": round(time.perf_counter() - t0, 3),
         "exact": not (replay.prefill_as_decode or replay.reused or fill or note),
         "approximations": approximations,

@@ -18,7 +18,7 @@ SUMMARY_KEYS = {"policy", "batch", "model", "hardware", "trace", "seed", "policy
                 "step_time_ms", "moe_time_ms", "moe_speedup", "distinct_experts", "top1_retention",
                 "gate_mass_retained", "policy_acted_fraction", "per_layer", "simulated_s", "wall_s", "exact",
                 "approximations", "slots_changed", "kl_to_router_nats", "tokens_per_active_expert", "experts_per_token",
-                "gpus", "expert_parallel", "policy_overhead_ms", "comm_time_ms"}
+                "gpus", "expert_parallel", "policy_overhead_ms", "comm_time_ms", "warmup_steps"}
 
 
 def without_wall(s):
@@ -100,7 +100,8 @@ def test_stand_in_logits_need_weights(tmp_path):
 
 
 @pytest.mark.parametrize("override,key", [("batch=0", "batch"), ("workload.steps=0", "workload.steps"),
-                                          ("seed=-1", "seed"), ("batch=2.5", "batch")])
+                                          ("seed=-1", "seed"), ("batch=2.5", "batch"),
+                                          ("workload.warmup_steps=-1", "workload.warmup_steps")])
 def test_bad_run_settings_are_named(override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         run(compose_cfg([override]), quiet=True)
@@ -189,3 +190,10 @@ def test_multi_gpu_run(ep):
     one = run(compose_cfg(["model=mixtral_8x7b", "batch=16", "workload.steps=4"]), quiet=True)
     assert s["gpus"] == 2 and s["expert_parallel"] is ep and s["comm_time_ms"] > 0
     assert s["step_time_ms"]["vanilla"] < one["step_time_ms"]["vanilla"]  # two GPUs stream the weights faster
+
+
+def test_warmup_steps_are_simulated_but_not_measured(tmp_path):
+    s = run(compose_cfg(["batch=8", "workload.steps=5", "workload.warmup_steps=7"]), tmp_path, quiet=True)
+    rows = (tmp_path / "steps.csv").read_text().splitlines()
+    assert s["steps"] == 5 and s["warmup_steps"] == 7 and len(rows) == 6
+    assert float(rows[1].split(",")[1]) > 0  # the first measured step starts after 7 simulated ones

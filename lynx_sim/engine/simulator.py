@@ -18,22 +18,24 @@ from .replay import ClosedLoopReplay
 
 
 def decode_loop(env: simpy.Environment, replay: ClosedLoopReplay, policy: Policy, baseline: Policy,
-                cost: Roofline, base_cost: Roofline, recorder: StepRecorder, steps: int):
-    for step in range(steps):
+                cost: Roofline, base_cost: Roofline, recorder: StepRecorder, steps: int, warmup: int = 0):
+    for step in range(-warmup, steps):  # negative steps are warm-up: simulated, not recorded
         batch, context = replay.batch()
         sel, base = policy.select(batch), baseline.select(batch)
         B = batch.num_tokens
         c = cost.step(B, context, sel.fidelity.expert_tokens.numpy(), acted=sel.acted)
         cb = base_cost.step(B, context, base.fidelity.expert_tokens.numpy(), acted=False)
-        recorder.on_step(env.now, step, B, context, sel, c, base, cb)
+        if step >= 0:
+            recorder.on_step(env.now, step, B, context, sel, c, base, cb)
         yield env.timeout(c.total_s)
         replay.advance()
 
 
-def simulate(replay, policy, baseline, cost, base_cost, recorder, steps: int) -> float:
-    """Run `steps` decode iterations; returns the simulated seconds. `cost` prices the policy's
-    steps (its own overhead included), `base_cost` the vanilla baseline's."""
+def simulate(replay, policy, baseline, cost, base_cost, recorder, steps: int, warmup: int = 0) -> float:
+    """Run `warmup` unrecorded then `steps` recorded decode iterations; returns the simulated
+    seconds. `cost` prices the policy's steps (its own overhead included), `base_cost` the
+    vanilla baseline's."""
     env = simpy.Environment()
-    env.process(decode_loop(env, replay, policy, baseline, cost, base_cost, recorder, steps))
+    env.process(decode_loop(env, replay, policy, baseline, cost, base_cost, recorder, steps, warmup))
     env.run()
     return float(env.now)
