@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -25,16 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lynx_sim.config import compose as compose_cfg
+from lynx_sim.cost import HardwareSpec, Roofline
+from lynx_sim.model import ModelSpec
+from lynx_sim.policies import POLICIES, BatchRouting, build_policy
+from lynx_sim.policies.calibration import Calibration
+from lynx_sim.traces.source import build_source
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from conftest import compose_cfg  # noqa: E402  (the same config composition the tests use)
-
-from lynx_sim.cost import HardwareSpec, Roofline  # noqa: E402
-from lynx_sim.model import ModelSpec  # noqa: E402
-from lynx_sim.policies import POLICIES, BatchRouting, build_policy  # noqa: E402
-from lynx_sim.policies.calibration import Calibration  # noqa: E402
-from lynx_sim.traces.source import build_source  # noqa: E402
 
 SHAPES = ("mixtral_8x7b", "qwen3_30b_a3b")
 BATCHES = (16, 64)

@@ -10,7 +10,7 @@ import pytest
 from lynx_sim.traces import TraceArrays, TraceMeta
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = ROOT / "conf"
+CONF_DIR = ROOT / "conf"  # == lynx_sim.config.CONF_DIR
 SHARED_TRACES = ROOT.parent / "shared" / "traces"
 REFERENCE = {
     "mixtral": "mixtral8x7b_instruct_fp8_vllm_decode_humaneval_gsm8k.npz",
@@ -51,7 +51,6 @@ def arrays() -> TraceArrays:
 
 def compose_cfg(overrides=()):
     """Compose conf/config.yaml with overrides, as `python -m lynx_sim` would."""
-    from hydra import compose, initialize_config_dir
+    from lynx_sim.config import compose
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return compose("config", overrides=list(overrides))
+    return compose(overrides)

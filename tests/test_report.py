@@ -66,12 +66,9 @@ def test_pareto_front_never_spans_models(tmp_path):
 
 @pytest.mark.parametrize("study", ["policy_pareto", "lynx_alpha_beta"])
 def test_study_files_compose(study):
-    from hydra import compose, initialize_config_dir
+    from lynx_sim.config import compose
 
-    from conftest import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=[f"+study={study}"], return_hydra_config=True)
+    cfg = compose([f"+study={study}"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     assert "batch" in params and cfg.workload.steps == 100
     if study == "policy_pareto":

@@ -165,18 +165,21 @@ class Roofline:
         local = self._tokens_per_rank(batch)
         return float(self._time(params * m.dense_weight_bytes / tp, 2.0 * params * local / tp, self.dense_fps))
 
-    def comm_s(self, batch: int, expert_tokens: np.ndarray) -> float:
-        """The step's collectives alone (a breakdown: already inside the other terms)."""
+    def comm_s(self, batch: int, expert_tokens: np.ndarray, moe_comm: np.ndarray | None = None) -> float:
+        """The step's collectives alone (a breakdown: already inside the other terms).
+        `moe_comm`: the MoE layers' collective seconds when the caller has them already."""
         m = self.model
         dense_layers = m.num_layers - m.num_moe_layers
-        return float(self._hidden_allreduce_s(batch) * (m.num_layers + dense_layers)
-                     + self._moe_parts(expert_tokens, batch)[1].sum())
+        if moe_comm is None:
+            moe_comm = self._moe_parts(expert_tokens, batch)[1]
+        return float(self._hidden_allreduce_s(batch) * (m.num_layers + dense_layers) + moe_comm.sum())
 
     def step(self, batch: int, context_tokens: int, expert_tokens: np.ndarray, acted: bool = True) -> StepCost:
         """Cost of one decode step of `batch` tokens whose MoE layers received `expert_tokens` [L, E];
         `acted`: the policy's rule ran this step (its overhead is paid)."""
-        moe = self.moe_layers_s(expert_tokens, batch, acted)
+        compute, comm = self._moe_parts(expert_tokens, batch)
+        moe = compute + comm + self.hw.moe_layer_fixed_us * 1e-6 + (self.policy_overhead_s if acted else 0.0)
         policy = self.policy_overhead_s * self.model.num_moe_layers if acted else 0.0
         return StepCost(self.attention_s(batch, context_tokens), self.dense_ffn_s(batch), float(moe.sum()),
                         self.lm_head_s(batch), self.hw.step_overhead_us * 1e-6, moe,
-                        comm_s=self.comm_s(batch, expert_tokens), policy_s=policy)
+                        comm_s=self.comm_s(batch, expert_tokens, comm), policy_s=policy)

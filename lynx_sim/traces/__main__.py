@@ -15,14 +15,7 @@ from pathlib import Path
 
 from .errors import TraceFormatError
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
-
-def _compose(model: str, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return compose("config", overrides=[f"model={model}", *overrides])
+from ..config import CONF_DIR, compose
 
 
 def cmd_convert(a) -> int:
@@ -47,7 +40,7 @@ def cmd_synth(a) -> int:
         raise ValueError(f"--model: expected one of {models}, found {a.model!r}")
     if a.requests < 1:
         raise ValueError(f"--requests: expected an integer >= 1, found {a.requests}")
-    cfg = _compose(a.model, [f"synth.{kv}" for kv in a.set])
+    cfg = compose([f"model={a.model}", *[f"synth.{kv}" for kv in a.set]])
     model = ModelSpec.from_cfg(cfg.model)
     arrays = SyntheticTrace(model, SynthParams.from_cfg(cfg.synth), a.seed).to_arrays(a.requests)
     # the file stores logits at float_dtype: derive ids and weights from the stored values, so that
