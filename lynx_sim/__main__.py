@@ -11,7 +11,7 @@ from .run import run
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg) -> float:
     summary = run(cfg, out_dir=HydraConfig.get().runtime.output_dir)
-    return summary["speedup"]
+    return summary.get("speedup", summary.get("tpot_speedup"))
 
 
 if __name__ == "__main__":

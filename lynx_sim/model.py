@@ -65,6 +65,31 @@ class ModelSpec:
         """All shared-expert weights of one MoE layer (read every step)."""
         return 3 * self.hidden_size * self.shared_intermediate_size * self.weight_bytes
 
+    @property
+    def attention_params(self) -> int:
+        """Attention projection weights of one layer (MLA: its low-rank projections)."""
+        a, H = self.attention, self.hidden_size
+        nh = a["num_heads"]
+        if a["kind"] == "mla":
+            q = H * nh * a["head_dim"] if not a.get("q_lora_rank") else H * a["q_lora_rank"] + a["q_lora_rank"] * nh * a["head_dim"]
+            nope = a["head_dim"] - a["qk_rope_head_dim"]
+            kv = H * (a["kv_lora_rank"] + a["qk_rope_head_dim"]) + a["kv_lora_rank"] * nh * (nope + a["v_head_dim"])
+            return q + kv + nh * a["v_head_dim"] * H
+        hd, nkv = a["head_dim"], a["num_kv_heads"]
+        return H * nh * hd + 2 * H * nkv * hd + nh * hd * H
+
+    def weight_bytes_total(self) -> dict[str, float]:
+        """Bytes of every weight the model holds, by part: routed experts, the rest (attention,
+        shared experts, dense FFNs, routers, embeddings and an untied LM head). Norms and biases
+        are left out (under 0.1%)."""
+        H, moe_n = self.hidden_size, self.num_moe_layers
+        dense_n = self.num_layers - moe_n
+        experts = moe_n * self.num_experts * self.expert_bytes
+        rest = (self.num_layers * self.attention_params + dense_n * 3 * H * self.dense_intermediate_size
+                + moe_n * H * self.num_experts + 2 * self.vocab_size * H) * self.dense_weight_bytes
+        rest += moe_n * self.shared_expert_bytes
+        return {"experts": float(experts), "other": float(rest)}
+
     def expert_flops(self, tokens) -> float:
         """FLOPs of one expert on `tokens` tokens: 2 x params x tokens (multiply-add)."""
         return 2.0 * self.expert_params * tokens

@@ -35,12 +35,12 @@ def test_moe_layer_hand_arithmetic():
     m, h, r = load()
     counts = np.zeros((1, 8), dtype=np.int64)
     counts[0, [0, 3, 5]] = [10, 4, 2]  # 16 assignments = 8 tokens x k=2, 3 distinct experts
-    bw = 3350e9 * 0.85
+    bw = 3350e9 * 0.892  # measured factor of conf/hardware/h100_sxm.yaml
     bytes_ = 3 * m.expert_bytes + 4096 * 8 * 2
     flops = 2 * m.expert_params * 16 + 2 * 4096 * 8 * 8
-    expect = max(bytes_ / bw, flops / (989.4e12 * 0.70)) + 12e-6
+    expect = max(bytes_ / bw, flops / (989.4e12 * 0.752)) + 12e-6
     assert r.moe_layers_s(counts)[0] == pytest.approx(expect, rel=1e-12)
-    assert bytes_ / bw > flops / (989.4e12 * 0.70), "decode at B=8 is memory-bound"
+    assert bytes_ / bw > flops / (989.4e12 * 0.752), "decode at B=8 is memory-bound"
 
 
 def test_decode_moe_time_linear_in_distinct_experts():
@@ -102,7 +102,7 @@ def test_every_hardware_is_complete_and_ordered_by_bandwidth():
     bandwidth rises (memory-bound decode)."""
     from conftest import CONF_DIR as conf
 
-    times = {}
+    times, achievable = {}, {}
     for path in sorted((conf / "hardware").glob("*.yaml")):
         h = HardwareSpec.from_cfg(OmegaConf.load(path))
         assert h.hbm_bandwidth_gbps > 0 and h.bf16_tflops > 0 and h.fp8_tflops >= h.bf16_tflops and h.memory_gib > 0
@@ -111,8 +111,10 @@ def test_every_hardware_is_complete_and_ordered_by_bandwidth():
         counts = np.zeros((1, 8), dtype=np.int64)
         counts[0, :6] = 2
         times[h.name] = Roofline(m, h).moe_layers_s(counts)[0]
+        achievable[h.name] = h.bandwidth_Bps
     by_time = sorted(times, key=times.get)
-    assert by_time[:3] == ["b200", "mi300x", "h200"] and by_time[-1] == "l40s", by_time
+    assert by_time == sorted(achievable, key=achievable.get, reverse=True), by_time
+    assert by_time[0] == "b200" and by_time[-1] == "l40s", by_time
 
 
 def test_tile_padding_rounds_each_expert_up_to_the_block():

@@ -30,7 +30,7 @@ def test_distinct_experts_follow_the_trace(tmp_path):
 def test_many_experts_per_token_gain_more_than_mixtral():
     """LYNX.md section 4: models with many experts per token (Qwen, k = 8 of 128) gain most,
     Mixtral (k = 2 of 8) least; and Mixtral's gain vanishes by B = 64 (its pool saturates)."""
-    sp = {(m, B): run(compose_cfg([f"model={m}", f"batch={B}", "workload.steps=8"]), quiet=True)["speedup"]
+    sp = {(m, B): run(compose_cfg([f"model={m}", "hardware=h200", f"batch={B}", "workload.steps=8"]), quiet=True)["speedup"]
           for m in ("mixtral_8x7b", "qwen3_30b_a3b") for B in (16, 64)}
     assert sp["qwen3_30b_a3b", 16] > sp["mixtral_8x7b", 16] > 1.0
     assert sp["qwen3_30b_a3b", 64] > 1.1 and sp["mixtral_8x7b", 64] < 1.02

@@ -150,7 +150,7 @@ def test_config_composes_and_builds(name):
     ("batch_budget", ["policy.budget=4", "policy.fallback=substitute"]), ("sere", []), ("oracle", []),
 ])
 def test_short_simulation(name, overrides):
-    s = run(compose_cfg([f"policy={name}", "batch=16", "workload.steps=5", "model=mixtral_8x7b", *overrides]), quiet=True)
+    s = run(compose_cfg([f"policy={name}", "batch=16", "workload.steps=5", "model=mixtral_8x7b", "hardware=h200", *overrides]), quiet=True)
     d = s["distinct_experts"]
     assert s["steps"] == 5 and s["policy_acted_fraction"] == 1.0
     assert 0 < s["gate_mass_retained"] < 1

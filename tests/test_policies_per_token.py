@@ -363,7 +363,7 @@ def test_per_layer_threshold_from_the_command_line():
 
 
 def short_run(name, *overrides):
-    return run(compose_cfg([f"policy={name}", "batch=8", "workload.steps=5", "model=mixtral_8x7b", *overrides]),
+    return run(compose_cfg([f"policy={name}", "batch=8", "workload.steps=5", "model=mixtral_8x7b", "hardware=h200", *overrides]),
                quiet=True)
 
 

@@ -25,7 +25,7 @@ def test_pareto_mask_by_hand():
 def test_multirun_sweep_and_report(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     out = subprocess.run([sys.executable, "-m", "lynx_sim", "-m", "policy=vanilla,lynx", "batch=2,8", "workload.steps=3",
-                          "model=mixtral_8x7b", f"hydra.sweep.dir={sweep}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          "model=mixtral_8x7b", "hardware=h200", f"hydra.sweep.dir={sweep}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Joblib" in out.stdout + out.stderr  # the sweep ran through the joblib launcher
     df = gather(sweep)

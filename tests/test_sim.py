@@ -18,7 +18,9 @@ SUMMARY_KEYS = {"policy", "batch", "model", "hardware", "trace", "seed", "policy
                 "step_time_ms", "moe_time_ms", "moe_speedup", "distinct_experts", "top1_retention",
                 "gate_mass_retained", "policy_acted_fraction", "per_layer", "simulated_s", "wall_s", "exact",
                 "approximations", "slots_changed", "kl_to_router_nats", "tokens_per_active_expert", "experts_per_token",
-                "gpus", "expert_parallel", "policy_overhead_ms", "comm_time_ms", "warmup_steps"}
+                "gpus", "expert_parallel", "policy_overhead_ms", "comm_time_ms", "warmup_steps", "workload",
+                "moe_share", "bandwidth_utilisation", "ttft_ms", "tpot_ms", "throughput_tok_s", "goodput_tok_s", "slo",
+                "memory"}
 
 
 def without_wall(s):
@@ -46,6 +48,20 @@ def test_default_lynx_run(tmp_path):
     assert on_disk == s
     lines = (tmp_path / "steps.csv").read_text().splitlines()
     assert len(lines) == 31 and lines[0].startswith("step,sim_time_ms,batch")
+    # serving-style figures of the steady batch: every request emits one token per iteration
+    assert s["ttft_ms"] == {"p50": None, "mean": None, "p99": None}
+    assert s["tpot_ms"]["mean"] == pytest.approx(s["step_time_ms"]["policy"])
+    assert s["throughput_tok_s"] == pytest.approx(64 / (s["step_time_ms"]["policy"] / 1e3))
+    assert s["goodput_tok_s"] == s["throughput_tok_s"]  # 15 ms per token is inside the 50 ms SLO
+    assert 0.5 < s["moe_share"] < 1 and 0 < s["bandwidth_utilisation"] <= 0.892 + 1e-9
+    # Qwen3-30B-A3B: 30.5 B bf16 weights; 48 layers x 4 KV heads x 128 x (K, V) x 2 bytes per token
+    weights = json.loads(json.dumps(s["memory"]))["weights_gib_per_gpu"]
+    assert 56.5 < weights < 57.2
+    free = 74.5 * 2**30 * 0.9 - weights * 2**30
+    assert s["memory"]["fits"] and s["memory"]["kv_capacity_tokens"] == pytest.approx(free / (48 * 4 * 128 * 2 * 2), abs=10)
+    trace = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    assert sum(e["ph"] == "X" and e.get("cat") == "iteration" for e in trace) == 30
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {"step_breakdown.png", "experts_per_layer.png"}
 
 
 def test_same_seed_same_result_and_seed_matters():
@@ -72,7 +88,7 @@ def test_speedup_grows_then_shrinks_with_batch():
 @pytest.mark.shared
 def test_reference_trace_replay(tmp_path):
     path = convert(reference_trace("mixtral"), tmp_path / "mix.safetensors")
-    over = ["trace=file", f"trace.path={path}", "model=mixtral_8x7b", "batch=16", "workload.steps=20"]
+    over = ["trace=file", f"trace.path={path}", "model=mixtral_8x7b", "hardware=h200", "batch=16", "workload.steps=20"]
     s = run(compose_cfg(over + ["policy=vanilla"]), quiet=True)
     assert s["trace"] == "file:mix.safetensors" and not s["exact"]
     assert any("random token offset" in a for a in s["approximations"])
@@ -87,13 +103,13 @@ def test_reference_trace_replay(tmp_path):
     with pytest.raises(TraceFormatError, match="num_experts"):
         run(compose_cfg(over[:2] + ["model=qwen3_30b_a3b", "policy=vanilla"]), quiet=True)
     with pytest.raises(TraceFormatError, match="router"):  # same E, k and layers, another router kind
-        run(compose_cfg(over[:2] + ["model=mixtral_8x7b", "policy=vanilla", "model.moe.router=sigmoid"]), quiet=True)
+        run(compose_cfg(over[:2] + ["model=mixtral_8x7b", "hardware=h200", "policy=vanilla", "model.moe.router=sigmoid"]), quiet=True)
 
 
 @pytest.mark.shared
 def test_stand_in_logits_need_weights(tmp_path):
     path = convert(reference_trace("llama4"), tmp_path / "ll.safetensors")
-    cfg = compose_cfg(["trace=file", f"trace.path={path}", "model=llama4_maverick", "policy=lynx",
+    cfg = compose_cfg(["trace=file", f"trace.path={path}", "model=llama4_maverick", "hardware=h200", "parallel.gpus=8", "policy=lynx",
                        "approximate_missing=lowest_bin", "batch=4", "workload.steps=2"])
     with pytest.raises(ValueError, match="needs the trace's gate weights"):
         run(cfg, quiet=True)
@@ -108,7 +124,7 @@ def test_bad_run_settings_are_named(override, key):
 
 
 def test_model_router_approximation_is_reported():
-    s = run(compose_cfg(["model=deepseek_v3", "batch=4", "workload.steps=2"]), quiet=True)
+    s = run(compose_cfg(["model=deepseek_v3", "hardware=h200", "parallel.gpus=8", "batch=4", "workload.steps=2"]), quiet=True)
     assert not s["exact"] and any("router of deepseek_v3" in a for a in s["approximations"])
 
 
@@ -145,7 +161,7 @@ def test_file_replay_reads_one_request_at_a_time(tmp_path, monkeypatch):
         return real_read(self, name, start, stop)
 
     monkeypatch.setattr(Trace, "read", spy)
-    cfg = compose_cfg(["trace=file", f"trace.path={path}", "model=mixtral_8x7b", "batch=4", "workload.steps=50"])
+    cfg = compose_cfg(["trace=file", f"trace.path={path}", "model=mixtral_8x7b", "hardware=h200", "batch=4", "workload.steps=50"])
     run(cfg, quiet=True)
     validation = [s for s in spans if s == 1200]
     replay = spans[len(validation):]
@@ -178,7 +194,7 @@ def _close(a, b, path="summary"):
 
 def test_committed_sample_replays_with_lynx():
     path = ROOT / "traces" / "samples" / "mixtral_8x7b_synth_small.safetensors"
-    s = run(compose_cfg(["trace=file", f"trace.path={path}", "model=mixtral_8x7b", "batch=4", "workload.steps=10"]), quiet=True)
+    s = run(compose_cfg(["trace=file", f"trace.path={path}", "model=mixtral_8x7b", "hardware=h200", "batch=4", "workload.steps=10"]), quiet=True)
     assert s["exact"] and s["trace"] == "file:mixtral_8x7b_synth_small.safetensors"
     assert s["distinct_experts"]["policy"] <= s["distinct_experts"]["vanilla"]
 
@@ -187,7 +203,7 @@ def test_committed_sample_replays_with_lynx():
 def test_multi_gpu_run(ep):
     s = run(compose_cfg(["model=mixtral_8x7b", "batch=16", "workload.steps=4", "parallel.gpus=2",
                          f"parallel.expert_parallel={str(ep).lower()}"]), quiet=True)
-    one = run(compose_cfg(["model=mixtral_8x7b", "batch=16", "workload.steps=4"]), quiet=True)
+    one = run(compose_cfg(["model=mixtral_8x7b", "batch=16", "workload.steps=4", "memory_check=warn"]), quiet=True)
     assert s["gpus"] == 2 and s["expert_parallel"] is ep and s["comm_time_ms"] > 0
     assert s["step_time_ms"]["vanilla"] < one["step_time_ms"]["vanilla"]  # two GPUs stream the weights faster
 

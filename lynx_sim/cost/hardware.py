@@ -28,13 +28,20 @@ class HardwareSpec:
     collective_latency_us: float = 10.0  # assumed: one small NCCL collective within a node
     moe_block_m: int = 16  # rows of a grouped-GEMM tile: each expert's tokens are padded to it
     calibrated_from: str | None = None
+    measured: tuple[str, ...] = ()  # factors measured on the GPU (benchmarks/hardware_probe.py); the rest assumed
 
     @classmethod
     def from_cfg(cls, h) -> "HardwareSpec":
-        optional = {"collective_latency_us", "moe_block_m", "calibrated_from"}
+        optional = {"collective_latency_us", "moe_block_m", "calibrated_from", "measured"}
         fields = {k: h[k] for k in cls.__dataclass_fields__ if k not in optional}
         fields.update({k: h[k] for k in ("collective_latency_us", "moe_block_m") if h.get(k) is not None})
         spec = cls(**{k: (str(v) if k == "name" else int(v) if k == "moe_block_m" else float(v)) for k, v in fields.items()})
+        measured = tuple(h.get("measured") or ())
+        unknown = sorted(set(measured) - set(CALIBRATED_FIELDS))
+        if unknown:
+            raise ValueError(f"hardware {spec.name}: field 'measured': expected names among {CALIBRATED_FIELDS}, "
+                             f"found {unknown}")
+        spec = replace(spec, measured=measured)
         return spec.calibrated(h.get("calibration")) if h.get("calibration") else spec
 
     def calibrated(self, path: str | Path) -> "HardwareSpec":
@@ -47,7 +54,14 @@ class HardwareSpec:
         unknown = sorted(set(data.get("factors", {})) - set(CALIBRATED_FIELDS))
         if unknown:
             raise ValueError(f"{path}: field 'factors': expected keys among {CALIBRATED_FIELDS}, found {unknown}")
-        return replace(self, **{k: float(v) for k, v in data.get("factors", {}).items()}, calibrated_from=str(path))
+        factors = {k: float(v) for k, v in data.get("factors", {}).items()}
+        return replace(self, **factors, calibrated_from=str(path),
+                       measured=tuple(dict.fromkeys(self.measured + tuple(factors))))
+
+    @property
+    def assumed(self) -> tuple[str, ...]:
+        """Factors and fixed costs still assumed (neither measured nor calibrated)."""
+        return tuple(f for f in CALIBRATED_FIELDS if f not in self.measured)
 
     @property
     def interconnect_Bps(self) -> float:

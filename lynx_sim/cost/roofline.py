@@ -12,7 +12,8 @@ Over several GPUs (`parallel.py`): tensor parallelism splits every matrix and ad
 all-reduce after attention and after the MoE block; expert parallelism gives each rank a block
 of experts, adds the all-to-all dispatch and combine, and the slowest rank gates the layer.
 
-Not modelled yet (named so that results say so): prefill iterations, pipeline parallelism,
+Prefill chunks enter through `attn_pairs` and `lm_tokens` of `step` (the serving engine's
+mixed batches). Not modelled (named so that results say so): pipeline parallelism,
 overlap of communication with compute, CPU scheduling beyond a fixed per-step cost.
 """
 
@@ -41,6 +42,11 @@ class StepCost:
     moe_layer_s: np.ndarray  # [L_moe], communication and policy overhead included
     comm_s: float = 0.0  # all-reduces and all-to-alls of the step (inside the terms above: a breakdown)
     policy_s: float = 0.0  # the policy's own routing work (inside moe_s: a breakdown)
+    hbm_bytes: float = 0.0  # HBM bytes one GPU reads in the step (weights + KV): bandwidth utilisation
+
+    def bandwidth_utilisation(self, peak_Bps: float) -> float:
+        """Bytes read over what the datasheet bandwidth could move in the step's time."""
+        return self.hbm_bytes / (self.total_s * peak_Bps)
 
     @property
     def total_s(self) -> float:
@@ -117,16 +123,8 @@ class Roofline:
         return compute + comm + fixed
 
     def attention_params(self) -> int:
-        """Attention projection weights of one layer."""
-        a, H = self.model.attention, self.model.hidden_size
-        nh = a["num_heads"]
-        if a["kind"] == "mla":
-            q = H * nh * a["head_dim"] if not a.get("q_lora_rank") else H * a["q_lora_rank"] + a["q_lora_rank"] * nh * a["head_dim"]
-            nope = a["head_dim"] - a["qk_rope_head_dim"]
-            kv = H * (a["kv_lora_rank"] + a["qk_rope_head_dim"]) + a["kv_lora_rank"] * nh * (nope + a["v_head_dim"])
-            return q + kv + nh * a["v_head_dim"] * H
-        hd, nkv = a["head_dim"], a["num_kv_heads"]
-        return H * nh * hd + 2 * H * nkv * hd + nh * hd * H
+        """Attention projection weights of one layer (model.py holds the count)."""
+        return self.model.attention_params
 
     def kv_bytes_per_token(self) -> int:
         """KV-cache bytes one cached token costs one layer (MLA caches the compressed latent)."""
@@ -135,15 +133,18 @@ class Roofline:
             return (a["kv_lora_rank"] + a["qk_rope_head_dim"]) * KV_CACHE_BYTES
         return 2 * a["num_kv_heads"] * a["head_dim"] * KV_CACHE_BYTES
 
-    def attention_s(self, batch: int, context_tokens: int) -> float:
-        """All layers' attention for `batch` decode tokens attending to `context_tokens` in total
-        (per rank: 1/tp of the weights and heads, or under EP 1/gpus of the tokens and context)."""
+    def attention_s(self, batch: int, context_tokens: int, attn_pairs: int | None = None) -> float:
+        """All layers' attention for `batch` tokens that read `context_tokens` cached KV entries in
+        total and form `attn_pairs` query-key pairs (decode: one pair per cached token, the
+        default; a prefill chunk of n tokens after c cached ones: n c + n (n + 1) / 2 pairs, and it
+        reads c). Per rank: 1/tp of the weights and heads, or under EP 1/gpus of the tokens."""
         m, a = self.model, self.model.attention
         tp, share = self.par.tp, self._tokens_per_rank(batch) / batch
+        pairs = context_tokens if attn_pairs is None else attn_pairs
         params = self.attention_params()
         bytes_ = params * m.dense_weight_bytes / tp + context_tokens * share * self.kv_bytes_per_token() / tp
         width = a["kv_lora_rank"] + a["qk_rope_head_dim"] if a["kind"] == "mla" else a["head_dim"]
-        flops = (2.0 * params * batch * share + 4.0 * a["num_heads"] * width * context_tokens * share) / tp
+        flops = (2.0 * params * batch * share + 4.0 * a["num_heads"] * width * pairs * share) / tp
         per_layer = float(self._time(bytes_, flops, self.dense_fps)) + self.hw.attention_layer_fixed_us * 1e-6
         return (per_layer + self._hidden_allreduce_s(batch)) * m.num_layers
 
@@ -174,12 +175,28 @@ class Roofline:
             moe_comm = self._moe_parts(expert_tokens, batch)[1]
         return float(self._hidden_allreduce_s(batch) * (m.num_layers + dense_layers) + moe_comm.sum())
 
-    def step(self, batch: int, context_tokens: int, expert_tokens: np.ndarray, acted: bool = True) -> StepCost:
-        """Cost of one decode step of `batch` tokens whose MoE layers received `expert_tokens` [L, E];
-        `acted`: the policy's rule ran this step (its overhead is paid)."""
+    def hbm_bytes(self, batch: int, context_tokens: int, expert_tokens: np.ndarray) -> float:
+        """Bytes one GPU reads from HBM in the step (weights once each, cached KV), averaged over
+        ranks: the numerator of memory-bandwidth utilisation. Activations are left out."""
+        m, g, tp = self.model, self.par.gpus, self.par.tp
+        distinct = float((expert_tokens > 0).sum())
+        experts = (distinct * m.expert_bytes + m.num_moe_layers * m.shared_expert_bytes) / g
+        router = m.num_moe_layers * m.hidden_size * m.num_experts * m.dense_weight_bytes
+        dense = (m.num_layers * self.attention_params() + (m.num_layers - m.num_moe_layers) * 3 * m.hidden_size
+                 * m.dense_intermediate_size + m.hidden_size * m.vocab_size) * m.dense_weight_bytes / tp
+        kv = context_tokens * m.num_layers * self.kv_bytes_per_token() / g
+        return experts + router + dense + kv
+
+    def step(self, batch: int, context_tokens: int, expert_tokens: np.ndarray, acted: bool = True,
+             attn_pairs: int | None = None, lm_tokens: int | None = None) -> StepCost:
+        """Cost of one step of `batch` tokens whose MoE layers received `expert_tokens` [L, E];
+        `acted`: the policy's rule ran this step (its overhead is paid). A decode step needs only
+        these; a step with prefill chunks also gives `attn_pairs` (attention_s) and `lm_tokens`,
+        the sequences whose last token goes through the LM head (default: every token)."""
         compute, comm = self._moe_parts(expert_tokens, batch)
         moe = compute + comm + self.hw.moe_layer_fixed_us * 1e-6 + (self.policy_overhead_s if acted else 0.0)
         policy = self.policy_overhead_s * self.model.num_moe_layers if acted else 0.0
-        return StepCost(self.attention_s(batch, context_tokens), self.dense_ffn_s(batch), float(moe.sum()),
-                        self.lm_head_s(batch), self.hw.step_overhead_us * 1e-6, moe,
-                        comm_s=self.comm_s(batch, expert_tokens, comm), policy_s=policy)
+        return StepCost(self.attention_s(batch, context_tokens, attn_pairs), self.dense_ffn_s(batch), float(moe.sum()),
+                        self.lm_head_s(batch if lm_tokens is None else lm_tokens), self.hw.step_overhead_us * 1e-6, moe,
+                        comm_s=self.comm_s(batch, expert_tokens, comm), policy_s=policy,
+                        hbm_bytes=self.hbm_bytes(batch, context_tokens, expert_tokens))

@@ -18,7 +18,7 @@ from .replay import ClosedLoopReplay
 
 
 def decode_loop(env: simpy.Environment, replay: ClosedLoopReplay, policy: Policy, baseline: Policy,
-                cost: Roofline, base_cost: Roofline, recorder: StepRecorder, steps: int, warmup: int = 0):
+                cost: Roofline, base_cost: Roofline, recorder: StepRecorder, steps: int, warmup: int = 0, progress=None):
     for step in range(-warmup, steps):  # negative steps are warm-up: simulated, not recorded
         batch, context = replay.batch()
         sel, base = policy.select(batch), baseline.select(batch)
@@ -29,13 +29,15 @@ def decode_loop(env: simpy.Environment, replay: ClosedLoopReplay, policy: Policy
             recorder.on_step(env.now, step, B, context, sel, c, base, cb)
         yield env.timeout(c.total_s)
         replay.advance()
+        if progress is not None:
+            progress.update(1)
 
 
-def simulate(replay, policy, baseline, cost, base_cost, recorder, steps: int, warmup: int = 0) -> float:
+def simulate(replay, policy, baseline, cost, base_cost, recorder, steps: int, warmup: int = 0, progress=None) -> float:
     """Run `warmup` unrecorded then `steps` recorded decode iterations; returns the simulated
     seconds. `cost` prices the policy's steps (its own overhead included), `base_cost` the
     vanilla baseline's."""
     env = simpy.Environment()
-    env.process(decode_loop(env, replay, policy, baseline, cost, base_cost, recorder, steps, warmup))
+    env.process(decode_loop(env, replay, policy, baseline, cost, base_cost, recorder, steps, warmup, progress))
     env.run()
     return float(env.now)

@@ -19,8 +19,9 @@ MEASURES = (("distinct_experts", True), ("top1_retention", False), ("gate_mass_r
 
 
 class StepRecorder:
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, peak_Bps: float = 0.0, kv_capacity_tokens: int = 0):
         self.rows: list[dict] = []
+        self.peak_Bps, self.kv_capacity = peak_Bps, kv_capacity_tokens
         self._layer = {f"{p}{m}": np.zeros(num_layers) for m, both in MEASURES for p in (("", "vanilla_") if both else ("",))}
 
     def on_step(self, now_s: float, step: int, batch: int, context_tokens: int,
@@ -30,7 +31,13 @@ class StepRecorder:
                "step_time_ms": cost.total_s * 1e3, "vanilla_step_time_ms": base_cost.total_s * 1e3,
                "moe_time_ms": cost.moe_s * 1e3, "vanilla_moe_time_ms": base_cost.moe_s * 1e3,
                "attention_time_ms": cost.attention_s * 1e3, "comm_time_ms": cost.comm_s * 1e3,
-               "policy_overhead_ms": cost.policy_s * 1e3}
+               "policy_overhead_ms": cost.policy_s * 1e3,
+               # the serving tables' columns, so that plots and the Chrome trace read both
+               "node": "decode", "start_ms": now_s * 1e3, "decode_tokens": batch, "prefill_tokens": 0, "running": batch,
+               "kv_used": context_tokens / self.kv_capacity if self.kv_capacity else float("nan"),
+               "dense_ffn_time_ms": cost.dense_ffn_s * 1e3, "lm_head_time_ms": cost.lm_head_s * 1e3,
+               "overhead_time_ms": cost.overhead_s * 1e3, "hbm_bytes": cost.hbm_bytes,
+               "bandwidth_utilisation": cost.bandwidth_utilisation(self.peak_Bps) if self.peak_Bps else float("nan")}
         for m, both in MEASURES:
             for prefix, f in (("", sel.fidelity), ("vanilla_", base.fidelity)) if both else (("", sel.fidelity),):
                 per_layer = getattr(f, m).double().numpy()
@@ -56,6 +63,9 @@ class StepRecorder:
             "policy_acted_fraction": float(t.policy_acted.mean()),
             "policy_overhead_ms": float(t.policy_overhead_ms.mean()),
             "comm_time_ms": float(t.comm_time_ms.mean()),
+            "moe_share": float(t.moe_time_ms.sum() / t.step_time_ms.sum()),
+            "bandwidth_utilisation": _finite_or_none(t.hbm_bytes.sum() / (t.step_time_ms.sum() / 1e3 * self.peak_Bps))
+            if self.peak_Bps else None,
             "per_layer": {},
         }
         for m, both in MEASURES:
