@@ -55,8 +55,6 @@ def copy_bandwidth(gib: float, repeats: int) -> dict:
     ms = _events_median_ms(f, repeats)
     moved = 2 * n * 2  # bytes read + bytes written
     assert torch.equal(dst, srcs[(i[0] - 1) % 2])
-    del srcs, dst
-    torch.cuda.empty_cache()
     return {"gib": gib, "ms": ms, "gbps": moved / ms / 1e6}
 
 
@@ -74,8 +72,6 @@ def square_gemm(n: int, repeats: int) -> dict:
     ref = (a[:64].double() @ bs[(i[0] - 1) % 2].double()[:, :64])
     err = float((out[:64, :64].double() - ref).norm() / ref.norm())
     assert err < 1e-2, f"bf16 GEMM relative error {err}"
-    del a, bs, out
-    torch.cuda.empty_cache()
     return {"n": n, "ms": ms, "tflops": 2 * n**3 / ms / 1e9, "rel_err_vs_fp64": err}
 
 
@@ -92,8 +88,6 @@ def decode_gemm(m: int, k: int, n: int, repeats: int, l2_bytes: int) -> dict:
         i[0] += 1
 
     ms = _events_median_ms(f, repeats)
-    del ws
-    torch.cuda.empty_cache()
     moved = w_bytes + (m * k + m * n) * 2
     return {"m": m, "k": k, "n": n, "ms": ms, "gbps": moved / ms / 1e6, "tflops": 2 * m * k * n / ms / 1e9}
 
@@ -119,7 +113,7 @@ def main(argv=None) -> int:
         driver = "unknown"
     import triton
 
-    copies = [copy_bandwidth(g, a.repeats) for g in (1.0, 4.0)]
+    copies = [copy_bandwidth(g, a.repeats) for g in (1.0, 4.0)]  # buffers freed on return
     gemm = square_gemm(a.gemm_n, a.repeats)
     decode = [decode_gemm(m, 4096, 14336, a.repeats, l2) for m in (1, 16, 64, 256)]
     best_copy = max(c["gbps"] for c in copies)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -72,6 +73,47 @@ def kl_to_router(batch: "BatchRouting", ids: torch.Tensor, weights: torch.Tensor
 
 
 def measure(batch: "BatchRouting", ids: torch.Tensor, weights: torch.Tensor | None, router: "RouterSpec") -> Fidelity:
+    """All measures of one selection; CPU tensors take the compiled one-pass kernel (fidelity_cpu.py)."""
+    if ids.device.type == "cpu" and batch.ids.device.type == "cpu":
+        return _measure_cpu(batch, ids, weights, router)
+    return measure_torch(batch, ids, weights, router)
+
+
+def _measure_cpu(batch, ids, weights, router) -> Fidelity:
+    from .fidelity_cpu import TOP1_LOGITS, TOP1_NONE, TOP1_SLOT0, TOP1_WEIGHTS, measure_kernel
+
+    orig = batch.ids.numpy()
+    w_orig = batch.weights.numpy() if batch.weights is not None else np.ones(orig.shape, np.float32)
+    real_logits = batch.logits is not None and not batch.logits_filled
+    if batch.weights is not None:
+        mode = TOP1_WEIGHTS
+    elif real_logits:
+        mode = TOP1_LOGITS
+    else:
+        mode = TOP1_SLOT0 if batch.ids_ordered else TOP1_NONE
+    with_kl = real_logits and weights is not None and router.kind != "sigmoid"
+    z = batch.logits.numpy() if real_logits else np.zeros((1, 1, 1), np.float32)
+    lse = _logsumexp(batch).numpy() if with_kl else np.zeros((1, 1), np.float32)
+    w_new = weights.numpy() if weights is not None else np.zeros((1, 1, 1), np.float32)
+    counts, ret, mass, changed, kl, kept = measure_kernel(orig, w_orig, ids.numpy(), w_new, z, lse,
+                                                          router.num_experts, mode, with_kl)
+    distinct = (counts > 0).sum(-1)
+    t = torch.from_numpy
+    return Fidelity(t(counts), t(distinct), t(ret), t(mass), t(changed), t(kl),
+                    t(kept / np.maximum(distinct, 1)), t(kept / orig.shape[1]))
+
+
+def _logsumexp(batch) -> torch.Tensor:
+    """logsumexp of the batch's logits over experts, [L, B]; computed once per batch (policy and baseline)."""
+    cached = getattr(batch, "_lse", None)
+    if cached is None:
+        cached = torch.logsumexp(batch.logits, -1)
+        batch._lse = cached
+    return cached
+
+
+def measure_torch(batch: "BatchRouting", ids: torch.Tensor, weights: torch.Tensor | None, router: "RouterSpec") -> Fidelity:
+    """The reference (and GPU) version: plain torch reductions."""
     counts = expert_token_counts(ids, router.num_experts)
     distinct = (counts > 0).sum(-1)
     present = (batch.ids[..., :, None] == ids[..., None, :]).any(-1)  # [L, B, k]: original slot kept

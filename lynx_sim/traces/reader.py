@@ -102,9 +102,17 @@ class Trace:
             yield a, {n: self.read(n, a, b) for n in names if self.has(n)}
 
     def validate_data(self, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
-        """Stream every routing tensor through the format's data checks."""
-        for row0, block in self.iter_blocks(("ids", "weights", "logits"), chunk_tokens):
-            check_routing_block(str(self.path), self.meta, row0, block["ids"], block.get("weights"), block.get("logits"))
+        """Stream every routing tensor through the format's data checks. Each chunk is read through
+        its own short-lived mapping, so the pages a full pass touches leave the process again."""
+        main = self._f
+        try:
+            for a in range(0, self.num_tokens, chunk_tokens):
+                b = min(a + chunk_tokens, self.num_tokens)
+                with safe_open(str(self.path), framework="pt") as self._f:
+                    block = {n: self.read(n, a, b) for n in ("ids", "weights", "logits") if self.has(n)}
+                check_routing_block(str(self.path), self.meta, a, block["ids"], block.get("weights"), block.get("logits"))
+        finally:
+            self._f = main
 
 
 def open_trace(path: str | Path, validate: bool = True) -> Trace:
