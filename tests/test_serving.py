@@ -116,7 +116,7 @@ def test_a_request_larger_than_the_cache_is_rejected():
 
 
 def test_bad_scheduler_settings_are_named():
-    with pytest.raises(ValueError, match="serving.max_tokens"):
+    with pytest.raises(ValueError, match="serving.max_num_batched_tokens"):
         SchedulerConfig(max_seqs=4, max_tokens=0, kv_capacity_tokens=64)
     with pytest.raises(ValueError, match="less than one block"):
         SchedulerConfig(max_seqs=4, max_tokens=8, kv_capacity_tokens=8, block_tokens=16)

@@ -32,10 +32,11 @@ class SchedulerConfig:
     chunked_prefill: bool = True
 
     def __post_init__(self):
-        for name in ("max_seqs", "max_tokens", "block_tokens"):
+        for name, key in (("max_seqs", "batch"), ("max_tokens", "serving.max_num_batched_tokens"),
+                          ("block_tokens", "serving.kv_block_tokens")):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
-                raise ValueError(f"serving.{name}: expected an integer >= 1, found {v!r}")
+                raise ValueError(f"{key}: expected an integer >= 1, found {v!r}")
         if self.kv_capacity_tokens < self.block_tokens:
             raise ValueError(f"KV cache capacity {self.kv_capacity_tokens} tokens is less than one block "
                              f"({self.block_tokens}): nothing can run")
