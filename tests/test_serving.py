@@ -201,8 +201,12 @@ def test_disaggregated_decode_node_sees_only_decode_tokens(tmp_path):
     assert len(pre) and (pre.decode_tokens == 0).all() and pre.prefill_tokens.sum() == reqs.prompt_tokens.sum()
     assert (dec.prefill_tokens == 0).all() and dec.policy_acted.all()  # Lynx acts on every decode-node iteration
     assert dec.decode_tokens.sum() == (reqs.output_tokens - 1).sum()
-    # the first decode iteration of a request starts after its prefill and its KV transfer
-    assert (reqs.ttft_ms > 0).all()
+    # the decode node's first iteration waits for the first prefill iteration and a KV transfer:
+    # >= prompt x KV bytes per token / 50 GB/s (serving.kv_transfer_gbps) of the shortest prompt
+    transfer_ms = reqs.prompt_tokens.min() * s["memory"]["kv_bytes_per_token"] / 50e9 * 1e3
+    first_prefill_end = pre.start_ms.iloc[0] + pre.step_time_ms.iloc[0]
+    assert dec.start_ms.min() >= first_prefill_end + transfer_ms - 1e-9
+    assert (reqs.ttft_ms > 0).all() and (reqs.e2e_ms > reqs.ttft_ms).all()
 
 
 def test_trace_workload_needs_arrival_times():
