@@ -105,7 +105,8 @@ def _check_ints(cfg) -> None:
 def _decode(cfg, model, hw, source, policy, cost, base_cost, mem, fill, approximations, quiet):
     """The steady decode batch: B slots, vanilla priced on the same iterations."""
     warmup = cfg.workload.get("warmup_steps", 0)
-    replay = ClosedLoopReplay(source, int(cfg.batch), np.random.default_rng(int(cfg.seed)), fill_missing_logits=fill)
+    replay = ClosedLoopReplay(source, int(cfg.batch), np.random.default_rng(int(cfg.seed)), fill_missing_logits=fill,
+                              horizon=int(cfg.workload.steps) + warmup)
     recorder = StepRecorder(model.num_moe_layers, hw.hbm_bandwidth_gbps * 1e9, mem.kv_capacity_tokens)
     with _progress(quiet, int(cfg.workload.steps) + warmup, "decode steps") as bar:
         sim_s = simulate(replay, policy, Vanilla(model.router), cost, base_cost, recorder,

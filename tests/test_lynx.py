@@ -259,16 +259,22 @@ def test_sigmoid_hand_case():
 
 
 @settings(max_examples=60, deadline=None)
-@given(case, st.sampled_from(["float32", "float64"]))
-def test_compiled_cpu_selection_equals_torch_path(c, arithmetic):
-    """The numba selection (CPU fast path) and the torch path give the same ids and weights."""
+@given(case, st.sampled_from(["float32", "float64"]), st.sampled_from([0, 10**9]))
+def test_compiled_cpu_selection_equals_torch_path(c, arithmetic, batched_max):
+    """The numba selection (CPU fast path, both kernels: BATCHED_MAX = 0 forces the per-token
+    one) and the torch path give the same ids and weights."""
+    from unittest import mock
+
+    from lynx_sim.policies import lynx_cpu
+
     k = _k(c)
     spec = RouterSpec(c["E"], k, "softmax", c["renorm"])
     Z = random_logits(c["seed"], c["L"], c["B"], c["E"], quantum=c["quantum"], dtype=torch.float32)
     pol = Lynx(spec, c["alpha"], c["beta"], arithmetic=arithmetic)
     batch = make_batch(Z, spec)
     assert pol._compiled_path(Z)
-    fast_ids, fast_w = pol.route(batch)
+    with mock.patch.object(lynx_cpu, "BATCHED_MAX", batched_max):
+        fast_ids, fast_w = pol.route(batch)
     pol._compiled_path = lambda Z: False  # force the torch path
     slow_ids, slow_w = pol.route(batch)
     assert torch.equal(fast_ids, slow_ids)

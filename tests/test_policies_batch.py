@@ -566,3 +566,40 @@ def test_compiled_fidelity_equals_torch(shape):
                     for f in a.__dataclass_fields__:
                         x, y = getattr(a, f).double(), getattr(r, f).double()
                         assert torch.allclose(x, y, rtol=1e-9, atol=1e-12, equal_nan=True), (f, kind, trial)
+
+
+def test_compiled_output_check_equals_torch():
+    """check_cpu.py's one-pass convention check names the same violation as the torch twin, on
+    random outputs broken in each way (alone and combined) and on valid ones."""
+    from lynx_sim.policies.base import output_violation
+    from lynx_sim.policies.check_cpu import MESSAGES, violation
+
+    g = torch.Generator().manual_seed(7)
+    seen = set()
+    for trial in range(400):
+        L, B, E = 1 + trial % 3, 1 + trial % 9, 4 + trial % 13
+        k = 1 + trial % min(E, 4)
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(L * B)]).reshape(L, B, k)
+        w = torch.rand(L, B, k, generator=g)
+        if k > 1:  # drop some slots, keeping one per token
+            drop = torch.rand(L, B, k, generator=g) < 0.3
+            drop[..., 0] = False
+            ids[drop], w[drop] = DROPPED, 0
+        for fault in torch.randint(0, 6, (2,), generator=g).tolist():
+            l, b, j = (int(torch.randint(0, n, (1,), generator=g)) for n in (L, B, k))
+            if fault == 1:
+                ids[l, b, j] = E if trial % 2 else -2
+            elif fault == 2:
+                ids[l, b], w[l, b] = DROPPED, 0
+            elif fault == 3 and k > 1:
+                ids[l, b, :2] = int(torch.randint(0, E, (1,), generator=g))
+            elif fault == 4:
+                w[l, b, j] = (float("nan"), -0.5, float("inf"))[trial % 3]
+            elif fault == 5 and k > 1:
+                ids[l, b, j], w[l, b, j] = DROPPED, 0.25
+        for ww in (w, None):
+            want = output_violation(ids, ww, E)
+            got = MESSAGES.get(violation(ids.numpy(), (ww if ww is not None else w).numpy(), E, ww is not None))
+            assert got == want, (trial, ids, ww)
+            seen.add(want)
+    assert seen == {None, *MESSAGES.values()}  # every kind of violation was exercised

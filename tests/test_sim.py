@@ -143,32 +143,107 @@ def test_hydra_entry_point(tmp_path):
     assert bad.returncode != 0 and "nonexistent" in bad.stderr
 
 
-def test_file_replay_reads_one_request_at_a_time(tmp_path, monkeypatch):
-    """Flat memory: after opening, the replay reads routing rows request by request, never the whole tensor."""
+def test_file_replay_reads_bounded_blocks(tmp_path, monkeypatch):
+    """Flat memory: after opening, the replay reads routing rows a bounded block at a time (here
+    100 rows' worth), never the whole tensor, and converts only each request's decode rows."""
     from conftest import small_arrays
     from lynx_sim.traces import write_trace
     from lynx_sim.traces.reader import Trace
+    from lynx_sim.traces.source import FileSource
 
     a = small_arrays(E=8, k=2, L=32, lengths=(40,) * 30)
     a.meta = a.meta.__class__(**{**a.meta.__dict__, "model": "mixtral-like"})
     path = write_trace(tmp_path / "t.safetensors", a)
-    spans = []
-    real_read = Trace.read
+    spans, converted = [], []
+    real_read, real_convert = Trace.read_stored, Trace.as_numpy
 
     def spy(self, name, start=0, stop=None):
         if name in ("ids", "weights", "logits"):
             spans.append((stop if stop is not None else self.num_tokens) - start)
         return real_read(self, name, start, stop)
 
-    monkeypatch.setattr(Trace, "read", spy)
-    cfg = compose_cfg(["trace=file", f"trace.path={path}", "model=mixtral_8x7b", "hardware=h200", "batch=4", "workload.steps=50"])
+    def spy_convert(name, t, copy=False):
+        if name == "logits":
+            converted.append(len(t))
+        return real_convert(name, t, copy)
+
+    monkeypatch.setattr(Trace, "read_stored", spy)
+    monkeypatch.setattr(Trace, "as_numpy", staticmethod(spy_convert))
+    row_bytes = 32 * (8 * 2 + 4 * 8) + 8
+    monkeypatch.setattr(FileSource, "BLOCK_BYTES", 100 * row_bytes)
+    cfg = compose_cfg(["trace=file", f"trace.path={path}", "model=mixtral_8x7b", "hardware=h200", "batch=4", "workload.steps=200"])
     run(cfg, quiet=True)
     validation = [s for s in spans if s == 1200]
     replay = spans[len(validation):]
-    assert replay and max(replay) == 40, "the replay must read one request's rows at a time"
+    assert len(replay) >= 3 * 3 and max(replay) <= 100, "the replay must read bounded blocks, several of them"
+    decode_rows = int((a.phase[:40] == 1).sum())
+    replay_converted = [n for n in converted if n != 1200]  # the validation pass converts the whole tensor
+    assert decode_rows < 40 and max(replay_converted) == decode_rows, "only decode rows are converted"
 
 
 GOLDEN = ROOT / "tests" / "golden" / "lynx_qwen3_b8_12steps.json"
+
+
+@pytest.mark.parametrize("stored", ["file", "synth"])
+def test_windowed_replay_equals_stepping_one_at_a_time(tmp_path, stored):
+    """The replay assembles windows of steps (lynx_sim/engine/replay.py); admissions, random
+    offsets of reused requests and every batch must equal those of one step at a time
+    (window_bytes=1), across window edges, with requests running out and being reused."""
+    import numpy as np
+    import torch
+    from conftest import small_arrays
+    from lynx_sim.engine.replay import ClosedLoopReplay
+    from lynx_sim.traces import write_trace
+    from lynx_sim.traces.reader import Trace
+    from lynx_sim.traces.source import FileSource
+
+    if stored == "file":
+        a = small_arrays(E=8, k=2, L=3, lengths=(9, 4, 17, 6, 30, 5, 12))
+        path = write_trace(tmp_path / "t.safetensors", a)
+        make = lambda: FileSource(Trace(path), block_bytes=700)  # noqa: E731
+    else:
+        from lynx_sim.model import ModelSpec
+        from lynx_sim.traces.synth import SynthParams, SyntheticTrace
+
+        cfg = compose_cfg(["model=olmoe_1b_7b", "trace=synth"])
+        gen = SyntheticTrace(ModelSpec.from_cfg(cfg.model), SynthParams.from_cfg(cfg.synth), 3)
+        gen.num_requests = None
+        make = lambda: gen  # noqa: E731
+    steps = 140
+
+    def stepped():
+        """The reference: one step at a time, batches stacked from the slots, finished slots
+        replaced in slot order after each step (the replay's own admission rule)."""
+        rp = ClosedLoopReplay(make(), 5, np.random.default_rng(11))
+        seq = []
+        for _ in range(steps):
+            cur = [(sl.rows, sl.cursor) for sl in rp.slots]
+            stack = lambda f: None if getattr(cur[0][0], f) is None else torch.from_numpy(  # noqa: E731
+                np.stack([getattr(r, f)[c] for r, c in cur], 1))
+            seq.append((stack("ids").long(), stack("weights"), stack("logits"),
+                        sum(int(r.position[c]) + 1 for r, c in cur)))
+            for i, sl in enumerate(rp.slots):
+                sl.cursor += 1
+                if sl.cursor >= len(sl.rows.ids):
+                    rp.slots[i] = rp._admit()
+        return seq, rp.reused, rp.next_request
+
+    runs = []
+    for window_bytes in (1, 5000, 1 << 22):
+        rp = ClosedLoopReplay(make(), 5, np.random.default_rng(11), horizon=steps, window_bytes=window_bytes)
+        seq = []
+        for _ in range(steps):
+            b, ctx = rp.batch()
+            seq.append((b.ids.clone(), None if b.weights is None else b.weights.clone(), b.logits.clone(), ctx))
+            rp.advance()
+        runs.append((seq, rp.reused, rp.next_request))
+    base = stepped()
+    assert stored == "synth" or base[1] > 0, "the case must reuse requests"
+    for seq, reused, nxt in runs:
+        assert (reused, nxt) == base[1:]
+        for x, y in zip(seq, base[0]):
+            assert torch.equal(x[0], y[0]) and torch.equal(x[2], y[2]) and x[3] == y[3]
+            assert (x[1] is None) == (y[1] is None) and (x[1] is None or torch.equal(x[1], y[1]))
 
 
 def test_golden_summary():

@@ -65,9 +65,19 @@ class Roofline:
         self.dense_fps = hw.flops_per_s(model.dense_weight_bytes)
         self.link, self.lat = hw.interconnect_Bps, hw.collective_latency_us * 1e-6
         self.policy_overhead_s = policy_overhead_us * 1e-6
+        m, tp = model, self.par.tp
+        router_params = m.hidden_size * m.num_experts
+        shared_params = 3 * m.hidden_size * m.shared_intermediate_size
+        # per MoE layer and rank: bytes that do not depend on routing, FLOPs per token of the step
+        self._moe_const_bytes = m.shared_expert_bytes / tp + router_params * m.dense_weight_bytes
+        self._moe_flops_per_token = 2.0 * shared_params / tp + 2.0 * router_params
 
     def _time(self, bytes_, flops, fps) -> np.ndarray:
         return np.maximum(np.asarray(bytes_, dtype=np.float64) / self.bw, np.asarray(flops, dtype=np.float64) / fps)
+
+    def _time1(self, bytes_: float, flops: float, fps: float) -> float:
+        """`_time` of one term, in plain floats (a step prices several; numpy's per-call cost dominates)."""
+        return max(bytes_ / self.bw, flops / fps)
 
     def _tokens_per_rank(self, batch: int) -> int:
         """Tokens one rank runs attention for: all of them under TP, ceil(B / gpus) under EP's data parallelism."""
@@ -85,28 +95,32 @@ class Roofline:
         m = self.hw.moe_block_m
         return -(-expert_tokens // m) * m
 
-    def _moe_rank_s(self, counts: np.ndarray, tokens: float) -> np.ndarray:
+    def _moe_rank_s(self, counts: np.ndarray, tokens) -> np.ndarray:
         """Expert, shared-expert and router work of one rank: counts [L, E_rank] -> [L] seconds."""
         m, tp = self.model, self.par.tp
-        distinct = (counts > 0).sum(-1)
-        router_params = m.hidden_size * m.num_experts
-        shared_params = 3 * m.hidden_size * m.shared_intermediate_size
-        bytes_ = (distinct * m.expert_bytes + m.shared_expert_bytes) / tp + router_params * m.dense_weight_bytes
-        flops = (m.expert_flops(self.padded(counts).sum(-1)) + 2.0 * shared_params * tokens) / tp + 2.0 * router_params * tokens
-        return self._time(bytes_, flops, self.expert_fps)
+        distinct = np.count_nonzero(counts, axis=-1)
+        padded = self.padded(counts).sum(-1)
+        bytes_ = distinct * (m.expert_bytes / tp) + self._moe_const_bytes
+        flops = padded * (2.0 * m.expert_params / tp) + self._moe_flops_per_token * tokens
+        return np.maximum(bytes_ / self.bw, flops / self.expert_fps)
 
     def _moe_parts(self, expert_tokens: np.ndarray, batch: int | None) -> tuple[np.ndarray, np.ndarray]:
         """Per MoE layer: (compute seconds, collective seconds) of the rank that gates it, [L] each."""
         m = self.model
-        tokens = expert_tokens.sum(-1) / m.top_k if batch is None else np.full(expert_tokens.shape[0], batch)
+        L = expert_tokens.shape[0]
+        if not self.par.expert_parallel and batch is not None:  # the step's size: one all-reduce size
+            comm = np.full(L, self._hidden_allreduce_s(int(batch)))
+            return self._moe_rank_s(expert_tokens, batch), comm
+        tokens = expert_tokens.sum(-1) / m.top_k if batch is None else np.full(L, batch)
+        whole = np.floor(tokens)  # tokens in the layer's all-reduce / dispatch messages
         if not self.par.expert_parallel:
-            comm = np.array([self._hidden_allreduce_s(int(t)) for t in tokens])
+            comm = allreduce_s(whole * m.hidden_size * 2, self.par.tp, self.link, self.lat) + np.zeros(L)
             return self._moe_rank_s(expert_tokens, tokens), comm
         g = self.par.gpus
         if m.num_experts % g:
             raise ValueError(f"parallel.gpus={g} must divide num_experts={m.num_experts} under expert parallelism")
         per_rank = expert_tokens.reshape(expert_tokens.shape[0], g, m.num_experts // g)  # [L, g, E/g]
-        local = np.array([self._tokens_per_rank(int(t)) for t in tokens])
+        local = -(-whole // g)  # _tokens_per_rank, per layer
         compute = np.stack([self._moe_rank_s(per_rank[:, r], local) for r in range(g)], -1)  # [L, g]
         received = per_rank.sum(-1) * (g - 1) / g * m.hidden_size * 2  # [L, g] bytes from other ranks
         comm = 2 * (received / self.link + self.lat)  # dispatch + combine all-to-alls
@@ -145,7 +159,7 @@ class Roofline:
         bytes_ = params * m.dense_weight_bytes / tp + context_tokens * share * self.kv_bytes_per_token() / tp
         width = a["kv_lora_rank"] + a["qk_rope_head_dim"] if a["kind"] == "mla" else a["head_dim"]
         flops = (2.0 * params * batch * share + 4.0 * a["num_heads"] * width * pairs * share) / tp
-        per_layer = float(self._time(bytes_, flops, self.dense_fps)) + self.hw.attention_layer_fixed_us * 1e-6
+        per_layer = self._time1(bytes_, flops, self.dense_fps) + self.hw.attention_layer_fixed_us * 1e-6
         return (per_layer + self._hidden_allreduce_s(batch)) * m.num_layers
 
     def dense_ffn_s(self, batch: int) -> float:
@@ -156,7 +170,7 @@ class Roofline:
             return 0.0
         params = 3 * m.hidden_size * m.dense_intermediate_size
         local = self._tokens_per_rank(batch)
-        t = float(self._time(params * m.dense_weight_bytes / tp, 2.0 * params * local / tp, self.dense_fps))
+        t = self._time1(params * m.dense_weight_bytes / tp, 2.0 * params * local / tp, self.dense_fps)
         return n * (t + self._hidden_allreduce_s(batch))
 
     def lm_head_s(self, batch: int) -> float:
@@ -164,7 +178,7 @@ class Roofline:
         m, tp = self.model, self.par.tp
         params = m.hidden_size * m.vocab_size
         local = self._tokens_per_rank(batch)
-        return float(self._time(params * m.dense_weight_bytes / tp, 2.0 * params * local / tp, self.dense_fps))
+        return self._time1(params * m.dense_weight_bytes / tp, 2.0 * params * local / tp, self.dense_fps)
 
     def comm_s(self, batch: int, expert_tokens: np.ndarray, moe_comm: np.ndarray | None = None) -> float:
         """The step's collectives alone (a breakdown: already inside the other terms).
@@ -179,7 +193,7 @@ class Roofline:
         """Bytes one GPU reads from HBM in the step (weights once each, cached KV), averaged over
         ranks: the numerator of memory-bandwidth utilisation. Activations are left out."""
         m, g, tp = self.model, self.par.gpus, self.par.tp
-        distinct = float((expert_tokens > 0).sum())
+        distinct = float(np.count_nonzero(expert_tokens))
         experts = (distinct * m.expert_bytes + m.num_moe_layers * m.shared_expert_bytes) / g
         router = m.num_moe_layers * m.hidden_size * m.num_experts * m.dense_weight_bytes
         dense = (m.num_layers * self.attention_params() + (m.num_layers - m.num_moe_layers) * 3 * m.hidden_size

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ..cost.roofline import StepCost
 from ..policies.base import Selection
@@ -22,7 +23,12 @@ class StepRecorder:
     def __init__(self, num_layers: int, peak_Bps: float = 0.0, kv_capacity_tokens: int = 0):
         self.rows: list[dict] = []
         self.peak_Bps, self.kv_capacity = peak_Bps, kv_capacity_tokens
-        self._layer = {f"{p}{m}": np.zeros(num_layers) for m, both in MEASURES for p in (("", "vanilla_") if both else ("",))}
+        self._names = [(p, m) for m, both in MEASURES for p in (("", "vanilla_") if both else ("",))]
+        self._layer_sum = np.zeros((len(self._names), num_layers))  # per-layer sums of every measure, in _names order
+
+    @property
+    def _layer(self) -> dict:
+        return {p + m: self._layer_sum[i] for i, (p, m) in enumerate(self._names)}
 
     def on_step(self, now_s: float, step: int, batch: int, context_tokens: int,
                 sel: Selection, cost: StepCost, base: Selection, base_cost: StepCost) -> None:
@@ -38,11 +44,10 @@ class StepRecorder:
                "dense_ffn_time_ms": cost.dense_ffn_s * 1e3, "lm_head_time_ms": cost.lm_head_s * 1e3,
                "overhead_time_ms": cost.overhead_s * 1e3, "hbm_bytes": cost.hbm_bytes,
                "bandwidth_utilisation": cost.bandwidth_utilisation(self.peak_Bps) if self.peak_Bps else float("nan")}
-        for m, both in MEASURES:
-            for prefix, f in (("", sel.fidelity), ("vanilla_", base.fidelity)) if both else (("", sel.fidelity),):
-                per_layer = getattr(f, m).double().numpy()
-                self._layer[prefix + m] += per_layer
-                row[prefix + m] = float(per_layer.mean())
+        per_layer = torch.stack([getattr(sel.fidelity if p == "" else base.fidelity, m).double()
+                                 for p, m in self._names]).numpy()  # [measures, L]: one conversion, one mean
+        self._layer_sum += per_layer
+        row.update(zip((p + m for p, m in self._names), per_layer.mean(1).tolist()))
         self.rows.append(row)
 
     def table(self) -> pd.DataFrame:

@@ -16,10 +16,26 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from ..routing import RouterSpec
 from .fidelity import DROPPED, Fidelity, measure
+
+
+def output_violation(ids: torch.Tensor, weights: torch.Tensor | None, E: int) -> str | None:
+    """The first broken rule of the output convention (torch reductions, any device), or None."""
+    if ((ids < DROPPED) | (ids >= E)).any():
+        return "ids outside -1..E-1"
+    if (ids == DROPPED).all(-1).any():
+        return "a token left with no expert"
+    s = torch.sort(ids, -1).values
+    if ((s[..., 1:] == s[..., :-1]) & (s[..., 1:] != DROPPED)).any():
+        return "an expert repeated within a token"
+    if weights is not None and (~torch.isfinite(weights).all() or (weights < 0).any()
+                                or (weights[ids == DROPPED] != 0).any()):
+        return "weights not finite and >= 0, or non-zero on a dropped slot"
+    return None
 
 
 class PolicyInputError(ValueError):
@@ -105,28 +121,23 @@ class Policy(ABC):
             sel = Selection(batch.ids, batch.weights, acted=False)
         else:
             ids, weights = self.route(batch)
-            self._check_output(batch, ids, weights)
+            if not (ids is batch.ids and weights is batch.weights):  # the trace's own routing was checked at load
+                self._check_output(batch, ids, weights)
             sel = Selection(ids, weights, acted=True)
         sel.fidelity = measure(batch, sel.ids, sel.weights, self.router)
         return sel
 
     def _check_output(self, batch: BatchRouting, ids: torch.Tensor, weights: torch.Tensor | None) -> None:
         """A rule's answer must follow the output convention; a violation is a bug in the rule."""
-        E = self.router.num_experts
-        bad = None
         if ids.shape != batch.ids.shape or ids.dtype != torch.int64:
             bad = f"ids {list(ids.shape)} {ids.dtype}, expected {list(batch.ids.shape)} int64"
-        elif ((ids < DROPPED) | (ids >= E)).any():
-            bad = "ids outside -1..E-1"
-        elif (ids == DROPPED).all(-1).any():
-            bad = "a token left with no expert"
+        elif ids.device.type == "cpu" and (weights is None or weights.device.type == "cpu"):
+            from .check_cpu import MESSAGES, violation  # one compiled pass (the torch check below is its twin)
+
+            w = weights.contiguous().numpy() if weights is not None else np.zeros((1, 1, 1), np.float32)
+            bad = MESSAGES.get(violation(ids.contiguous().numpy(), w, self.router.num_experts, weights is not None))
         else:
-            s = torch.sort(ids, -1).values
-            if ((s[..., 1:] == s[..., :-1]) & (s[..., 1:] != DROPPED)).any():
-                bad = "an expert repeated within a token"
-            elif weights is not None and (~torch.isfinite(weights).all() or (weights < 0).any()
-                                          or (weights[ids == DROPPED] != 0).any()):
-                bad = "weights not finite and >= 0, or non-zero on a dropped slot"
+            bad = output_violation(ids, weights, self.router.num_experts)
         if bad:
             raise AssertionError(f"policy '{self.name}' broke the output convention: {bad}")
 

