@@ -194,7 +194,39 @@ def test_writer_refuses_bad_arrays(tmp_path, arrays):
         write_trace(tmp_path / "u.safetensors", a)
 
 
-def test_memory_mapped_reads_are_row_ranges(tmp_path):
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_positioned_reads_equal_safetensors(tmp_path, dtype):
+    """read_stored (positioned reads at the header's offsets) returns exactly what safetensors'
+    own loader returns, for every tensor and random row ranges (empty, open-ended, whole)."""
+    from safetensors.torch import load_file
+
+    a = small_arrays(lengths=(7, 1, 30, 12))
+    path = write_trace(tmp_path / "t.safetensors", a, float_dtype=dtype)
+    ref = load_file(str(path))
+    tr = open_trace(path)
+    rng = np.random.default_rng(0)
+    N = tr.num_tokens
+    for name, full in ref.items():
+        ranges = [(0, None), (N, N), (3, 3)] + [tuple(sorted(rng.integers(0, N + 1, 2))) for _ in range(10)]
+        for lo, hi in ranges:
+            got = tr.read_stored(name, lo, hi)
+            assert got.dtype == full.dtype and torch.equal(got, full[lo:hi]), (name, lo, hi)
+
+
+def test_file_truncated_after_opening(tmp_path):
+    """A file cut short while open: the read names the file, the tensor and the missing bytes."""
+    a = small_arrays(lengths=(20,) * 3)
+    path = write_trace(tmp_path / "t.safetensors", a)
+    from lynx_sim.traces.reader import data_layout
+
+    tr = open_trace(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: data_layout(path)["logits"][0] + 100])  # cut inside the logits
+    with pytest.raises(TraceFormatError, match="logits.*truncated"):
+        tr.read("logits")
+
+
+def test_reads_are_row_ranges(tmp_path):
     """Reading one request touches its rows only: the read is the slice, not the whole tensor."""
     a = small_arrays(lengths=(50,) * 20)
     tr = open_trace(write_trace(tmp_path / "t.safetensors", a))

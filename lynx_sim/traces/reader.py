@@ -107,6 +107,8 @@ class Trace:
         offset, dtype, shape = self._layout[name]
         start, stop, _ = slice(start, stop).indices(shape[0])
         n = max(stop - start, 0)
+        if n == 0:
+            return torch.empty((0, *shape[1:]), dtype=dtype)
         row = math.prod(shape[1:]) * dtype.itemsize
         buf = np.empty(n * row, np.uint8)
         done = 0
