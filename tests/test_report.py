@@ -75,3 +75,28 @@ def test_study_files_compose(study):
         from lynx_sim.policies import POLICIES
 
         assert set(params.policy.split(",")) == set(POLICIES), "the Pareto study must sweep every registered policy"
+
+
+def test_submitit_launcher_runs_a_sweep(tmp_path):
+    """The cluster path: the same sweep through hydra-submitit-launcher. `submitit_local` runs
+    the jobs as local submitit processes, which exercises everything a SLURM run does except the
+    scheduler; the shipped SLURM config composes to submitit's SLURM launcher."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher not installed")
+    sweep = tmp_path / "sweep"
+    out = subprocess.run([sys.executable, "-m", "lynx_sim", "-m", "hydra/launcher=submitit_local", "policy=vanilla,lynx",
+                          "batch=8", "workload.steps=3", "model=mixtral_8x7b", "hardware=h200",
+                          "hydra.launcher.timeout_min=5", f"hydra.sweep.dir={sweep}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Submitit" in out.stdout + out.stderr  # the sweep ran through the submitit launcher
+    assert any((sweep / ".submitit").glob("*")), "submitit's job folder"
+    df = gather(sweep)
+    assert len(df) == 2 and set(df.policy) == {"vanilla", "lynx"}
+
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        cfg = compose("config", ["hydra/launcher=slurm_cpu", "hydra.launcher.partition=cpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "cpu"
+    assert launcher.gpus_per_node == 0 and launcher.cpus_per_task == 1
