@@ -1,5 +1,12 @@
-"""Triton MoE kernels (fused grouped expert GEMMs, Lynx routing kernels).
+"""Triton MoE kernels: the fused expert layer (align, grouped gate/up and down GEMMs) and, with
+it, plain references the tests and benchmarks compare against.
 
-Not written yet: they arrive with the kernels-and-executor issue. Layering (tests/test_layering.py):
-this package imports only torch and triton.
+Layering (tests/test_layering.py): this package imports only torch and triton.
 """
+
+from .align import Alignment, align_block_size
+from .configs import MoEConfig, select_config
+from .fused_moe import fused_moe
+from .reference import moe_reference
+
+__all__ = ["Alignment", "MoEConfig", "align_block_size", "fused_moe", "moe_reference", "select_config"]

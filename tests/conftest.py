@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Triton kernels run under the CPU interpreter unless a GPU run asks for the device
+# (LYNX_KERNELS_ON_GPU=1); set before anything imports triton.
+if os.environ.get("LYNX_KERNELS_ON_GPU") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np
 import pytest

@@ -1,0 +1,155 @@
+"""Triton MoE kernels against float64 references, on fresh random inputs.
+
+On the CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) at small shapes; with
+LYNX_KERNELS_ON_GPU=1 on a CUDA machine the same tests run the compiled kernels. Outputs and
+workspaces are poisoned with NaN first, so an element a kernel fails to write fails the test.
+Cases: batch 1, an expert with no tokens, all tokens on one expert, experts repeated across
+tokens, k = 1 and k = 8, non-power-of-two sizes, dropped slots, several experts' runs longer
+than one block, and a larger batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from kernels import MoEConfig, align_block_size, fused_moe, moe_reference
+from kernels.align import max_rows
+from kernels.configs import bucket, heuristic, load_table, select_config, table_path
+
+DEVICE = "cuda" if os.environ.get("LYNX_KERNELS_ON_GPU") == "1" else "cpu"
+TOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}  # of the output's largest magnitude
+
+
+def routing(g, T, E, k, kind="random", drop=0.0):
+    """ids [T, k] distinct per token, and positive weights; `kind` shapes the expert choice."""
+    if kind == "one_expert":  # every token's first slot on expert 0
+        ids = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(E - 1, generator=g)[:k - 1]])
+                           for _ in range(T)])
+    elif kind == "skip_last":  # expert E - 1 gets nothing
+        ids = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(T)])
+    else:
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    w = torch.rand(T, k, generator=g) + 0.05
+    if drop and k > 1:
+        d = torch.rand(T, k, generator=g) < drop
+        d[:, 0] = False
+        ids[d], w[d] = -1, 0.0
+    return ids, w
+
+
+def layer(g, E, H, I, dtype):
+    """w1 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I], scaled to unit outputs."""
+    w1 = (torch.randn(E, 2 * I, H, generator=g) / H ** 0.5).to(dtype)
+    w2 = (torch.randn(E, H, I, generator=g) / I ** 0.5).to(dtype)
+    return w1, w2
+
+
+CASES = [  # (T, E, H, I, k, kind, drop, config)
+    (1, 8, 48, 40, 2, "random", 0.0, MoEConfig(16, 16, 16, 4, 1)),  # batch 1
+    (6, 8, 48, 40, 2, "skip_last", 0.0, MoEConfig(16, 32, 16, 4, 1)),  # an expert with no tokens
+    (20, 6, 40, 24, 2, "one_expert", 0.0, MoEConfig(4, 16, 16, 4, 1)),  # all on one expert, runs > 1 block
+    (9, 5, 24, 56, 1, "random", 0.0, MoEConfig(2, 16, 8, 4, 1)),  # k = 1, repeated experts
+    (5, 12, 36, 20, 8, "random", 0.3, MoEConfig(8, 16, 16, 4, 1)),  # k = 8, dropped slots
+    (64, 4, 32, 16, 2, "random", 0.0, MoEConfig(16, 16, 32, 4, 1)),  # a larger batch
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_fused_moe_matches_float64_reference(case, dtype):
+    T, E, H, I, k, kind, drop, cfg = CASES[case]
+    g = torch.Generator().manual_seed(1000 + case)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    w1, w2 = layer(g, E, H, I, dtype)
+    ids, w = routing(g, T, E, k, kind, drop)
+    unused = sorted(set(range(E)) - set(ids[ids >= 0].tolist()))
+    for e in unused:  # an unused expert's weights must never enter the result
+        w1[e], w2[e] = float("nan"), float("inf")
+    ref = moe_reference(x, w1, w2, ids, w)
+    ws = {"h": torch.full((T * k, I), float("nan"), dtype=dtype, device=DEVICE),
+          "y": torch.full((T * k, H), float("nan"), dtype=torch.float32, device=DEVICE)}
+    out = torch.full((T, H), float("nan"), dtype=dtype, device=DEVICE)
+    d = lambda t: t.to(DEVICE)  # noqa: E731
+    got = fused_moe(d(x), d(w1), d(w2), d(ids), d(w), config=cfg, out=out, workspace=ws).cpu()
+    assert got is not None and torch.isfinite(got).all(), "an output element was not written (or NaN leaked in)"
+    err = (got.double() - ref).abs().max().item()
+    assert err <= TOL[dtype] * ref.abs().max().item(), (err, ref.abs().max().item())
+    if kind == "skip_last":
+        assert E - 1 in unused
+
+
+def test_fused_moe_default_config_and_fresh_buffers():
+    g = torch.Generator().manual_seed(7)
+    T, E, H, I, k = 3, 4, 32, 16, 2
+    x = torch.randn(T, H, generator=g).half()
+    w1, w2 = layer(g, E, H, I, torch.float16)
+    ids, w = routing(g, T, E, k)
+    got = fused_moe(x.to(DEVICE), w1.to(DEVICE), w2.to(DEVICE), ids.to(DEVICE), w.to(DEVICE)).cpu()
+    ref = moe_reference(x, w1, w2, ids, w)
+    assert got.dtype == torch.float16 and (got.double() - ref).abs().max() <= 4e-3 * ref.abs().max()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_align_layout(seed):
+    """Every live pair appears once, in its expert's run, in pair order; runs are padded to the
+    block; empty experts own no block; blocks past the end are marked -1."""
+    g = torch.Generator().manual_seed(seed)
+    T, E, k = int(torch.randint(1, 40, (1,), generator=g)), int(torch.randint(2, 20, (1,), generator=g)), 0
+    k = int(torch.randint(1, min(E, 8) + 1, (1,), generator=g))
+    bm = (1, 2, 4, 16, 64)[seed % 5]
+    ids, _ = routing(g, T, E, k, drop=0.3)
+    al = align_block_size(ids, E, bm)
+    P = T * k
+    flat = ids.reshape(-1)
+    sp, be, n = al.sorted_pairs.long(), al.block_expert.long(), int(al.num_padded)
+    assert sp.numel() == max_rows(P, E, bm) and be.numel() == sp.numel() // bm
+    counts = torch.bincount(flat[flat >= 0], minlength=E)
+    assert n == int(((counts + bm - 1) // bm * bm).sum())
+    live = sp[:n][sp[:n] < P]
+    assert sorted(live.tolist()) == torch.nonzero(flat >= 0).flatten().tolist()  # each live pair once
+    assert (sp[n:] == P).all()
+    for b in range(be.numel()):
+        rows = sp[b * bm:(b + 1) * bm]
+        if b * bm >= n:
+            assert be[b] == -1
+            continue
+        real = rows[rows < P]
+        assert real.numel() > 0 and (flat[real] == be[b]).all()
+    for e in range(E):  # pair order inside an expert; no block for an expert without pairs
+        run = sp[:n][(sp[:n] < P)]
+        mine = run[flat[run] == e]
+        assert mine.tolist() == sorted(mine.tolist())
+        assert (counts[e] == 0) == (not (be == e).any())
+
+
+def test_bad_inputs_are_named():
+    x = torch.zeros(2, 8, dtype=torch.float16)
+    w1, w2 = torch.zeros(3, 12, 8, dtype=torch.float16), torch.zeros(3, 8, 6, dtype=torch.float16)
+    ids, w = torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 2)
+    with pytest.raises(ValueError, match="w1: expected"):
+        fused_moe(x, w1[:, :11], w2, ids, w)
+    with pytest.raises(ValueError, match="dtypes"):
+        fused_moe(x.float(), w1, w2, ids, w)
+    with pytest.raises(ValueError, match="topk_ids and topk_weights"):
+        fused_moe(x, w1, w2, ids[:1], w)
+    with pytest.raises(ValueError, match="block_m: expected a power of two"):
+        align_block_size(ids, 3, 12)
+
+
+def test_config_table(tmp_path, monkeypatch):
+    assert [bucket(x) for x in (0.5, 1, 3, 16, 17, 10**6)] == [1, 1, 4, 16, 32, 4096]
+    assert heuristic(2).block_m == 16 and heuristic(500).block_m == 128
+    monkeypatch.setattr("kernels.configs.TABLE_DIR", tmp_path)
+    path = table_path("NVIDIA H100 80GB HBM3", "bfloat16", 4096, 14336)
+    path.write_text(json.dumps({"configs": {"4": MoEConfig(16, 128, 64, 4, 5).as_dict(),
+                                            "256": MoEConfig(64, 64, 64, 8, 3).as_dict()}}))
+    assert select_config(64, 8, 4096, 14336, "NVIDIA H100 80GB HBM3").block_n == 128  # 8 per expert -> bucket 4
+    assert select_config(64 * 40, 8, 4096, 14336, "NVIDIA H100 80GB HBM3").block_m == 64
+    assert select_config(64, 8, 4096, 14336, "other GPU") == heuristic(8)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not a tuned MoE config table"):
+        load_table(path)
