@@ -97,6 +97,30 @@ def test_calibration_file_overrides_assumed_factors(tmp_path):
         h.calibrated(tmp_path / "absent.json")
 
 
+def test_moe_bandwidth_factor_and_routed_expert_term(tmp_path):
+    """The executor's calibration sets the MoE kernels' own streaming efficiency: it changes the
+    MoE term (and routed_experts_s, the executor's comparison) but not attention; unset, both
+    use bandwidth_efficiency. routed_experts_s by hand: 3 distinct experts, tile-padded FLOPs."""
+    m, h, r = load()
+    counts = np.zeros((2, m.num_experts), dtype=np.int64)
+    counts[0, :3] = (1, 2, 20)
+    counts[1, 0] = 3
+    bw = h.hbm_bandwidth_gbps * 1e9 * h.bandwidth_efficiency
+    pad = lambda n: -(-n // h.moe_block_m) * h.moe_block_m  # noqa: E731
+    want0 = max(3 * m.expert_bytes / bw, 2.0 * m.expert_params * (pad(1) + pad(2) + pad(20)) / h.flops_per_s(m.weight_bytes))
+    np.testing.assert_allclose(r.routed_experts_s(counts)[0], want0 + h.moe_layer_fixed_us * 1e-6, rtol=1e-12)
+    assert "moe_bandwidth_efficiency" not in h.assumed  # unset: nothing to calibrate yet
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps({"factors": {"moe_bandwidth_efficiency": h.bandwidth_efficiency / 2}}))
+    c = h.calibrated(path)
+    rc = Roofline(m, c)
+    assert rc.attention_s(8, 4096) == r.attention_s(8, 4096)
+    memory_bound = r.routed_experts_s(counts)[1] - h.moe_layer_fixed_us * 1e-6
+    assert rc.routed_experts_s(counts)[1] - h.moe_layer_fixed_us * 1e-6 == pytest.approx(2 * memory_bound)
+    assert rc.moe_layers_s(counts)[1] > r.moe_layers_s(counts)[1]
+    assert "moe_bandwidth_efficiency" in c.measured
+
+
 def test_every_hardware_is_complete_and_ordered_by_bandwidth():
     """Datasheet peaks present, efficiency factors in (0, 1], and decode MoE time falls as HBM
     bandwidth rises (memory-bound decode)."""

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-CALIBRATED_FIELDS = ("bandwidth_efficiency", "flops_efficiency", "moe_layer_fixed_us",
+CALIBRATED_FIELDS = ("bandwidth_efficiency", "flops_efficiency", "moe_bandwidth_efficiency", "moe_layer_fixed_us",
                      "attention_layer_fixed_us", "step_overhead_us", "collective_latency_us")
 
 
@@ -27,14 +27,16 @@ class HardwareSpec:
     step_overhead_us: float
     collective_latency_us: float = 10.0  # assumed: one small NCCL collective within a node
     moe_block_m: int = 16  # rows of a grouped-GEMM tile: each expert's tokens are padded to it
+    moe_bandwidth_efficiency: float | None = None  # the MoE kernel's own streaming efficiency (executor); None: bandwidth_efficiency
     calibrated_from: str | None = None
     measured: tuple[str, ...] = ()  # factors measured on the GPU (benchmarks/hardware_probe.py); the rest assumed
 
     @classmethod
     def from_cfg(cls, h) -> "HardwareSpec":
-        optional = {"collective_latency_us", "moe_block_m", "calibrated_from", "measured"}
+        optional = {"collective_latency_us", "moe_block_m", "moe_bandwidth_efficiency", "calibrated_from", "measured"}
         fields = {k: h[k] for k in cls.__dataclass_fields__ if k not in optional}
-        fields.update({k: h[k] for k in ("collective_latency_us", "moe_block_m") if h.get(k) is not None})
+        fields.update({k: h[k] for k in ("collective_latency_us", "moe_block_m", "moe_bandwidth_efficiency")
+                       if h.get(k) is not None})
         spec = cls(**{k: (str(v) if k == "name" else int(v) if k == "moe_block_m" else float(v)) for k, v in fields.items()})
         measured = tuple(h.get("measured") or ())
         unknown = sorted(set(measured) - set(CALIBRATED_FIELDS))
@@ -60,8 +62,16 @@ class HardwareSpec:
 
     @property
     def assumed(self) -> tuple[str, ...]:
-        """Factors and fixed costs still assumed (neither measured nor calibrated)."""
-        return tuple(f for f in CALIBRATED_FIELDS if f not in self.measured)
+        """Factors and fixed costs still assumed (neither measured nor calibrated); the MoE
+        bandwidth factor counts only once set (unset, the MoE term uses bandwidth_efficiency)."""
+        return tuple(f for f in CALIBRATED_FIELDS if f not in self.measured
+                     and not (f == "moe_bandwidth_efficiency" and self.moe_bandwidth_efficiency is None))
+
+    @property
+    def moe_bandwidth_Bps(self) -> float:
+        """Achievable HBM bandwidth of the MoE kernels, bytes/s."""
+        eff = self.bandwidth_efficiency if self.moe_bandwidth_efficiency is None else self.moe_bandwidth_efficiency
+        return self.hbm_bandwidth_gbps * 1e9 * eff
 
     @property
     def interconnect_Bps(self) -> float:

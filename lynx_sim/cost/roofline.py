@@ -61,6 +61,7 @@ class Roofline:
         self.model, self.hw = model, hw
         self.par = parallel or Parallel()
         self.bw = hw.bandwidth_Bps
+        self.moe_bw = hw.moe_bandwidth_Bps  # the MoE kernels' streaming rate (calibrated by the executor)
         self.expert_fps = hw.flops_per_s(model.weight_bytes)
         self.dense_fps = hw.flops_per_s(model.dense_weight_bytes)
         self.link, self.lat = hw.interconnect_Bps, hw.collective_latency_us * 1e-6
@@ -88,7 +89,7 @@ class Roofline:
 
     def expert_time_s(self) -> float:
         """Memory-bound time of one more distinct expert in a decode MoE layer (on one rank)."""
-        return self.model.expert_bytes / self.par.tp / self.bw
+        return self.model.expert_bytes / self.par.tp / self.moe_bw
 
     def padded(self, expert_tokens: np.ndarray) -> np.ndarray:
         """Each expert's tokens rounded up to the tile rows; an expert with none stays at 0."""
@@ -102,7 +103,16 @@ class Roofline:
         padded = self.padded(counts).sum(-1)
         bytes_ = distinct * (m.expert_bytes / tp) + self._moe_const_bytes
         flops = padded * (2.0 * m.expert_params / tp) + self._moe_flops_per_token * tokens
-        return np.maximum(bytes_ / self.bw, flops / self.expert_fps)
+        return np.maximum(bytes_ / self.moe_bw, flops / self.expert_fps)
+
+    def routed_experts_s(self, counts: np.ndarray) -> np.ndarray:
+        """The routed experts alone, per MoE layer on one GPU: what the executor times (align,
+        the two grouped GEMMs, the sum over k), counts [L, E] -> [L] seconds: weights of every
+        distinct expert streamed once, tile-padded FLOPs, plus the fixed per-layer cost."""
+        m = self.model
+        distinct = np.count_nonzero(counts, axis=-1)
+        flops = m.expert_flops(self.padded(counts).sum(-1))
+        return np.maximum(distinct * m.expert_bytes / self.moe_bw, flops / self.expert_fps) + self.hw.moe_layer_fixed_us * 1e-6
 
     def _moe_parts(self, expert_tokens: np.ndarray, batch: int | None) -> tuple[np.ndarray, np.ndarray]:
         """Per MoE layer: (compute seconds, collective seconds) of the rank that gates it, [L] each."""
