@@ -1,0 +1,163 @@
+"""The executor: the simulator's decode steps, replayed through the Triton kernels on a GPU.
+
+Same config as the simulator (conf/), same trace and seed, so the replay yields the same
+batches as `python -m lynx_sim` with workload=decode. Per step the policy and vanilla select
+experts on the device (Lynx through kernels/lynx_routing.py when it applies, checked against
+the torch policy every step); per MoE layer both selections go through kernels/fused_moe.py on
+a layer with the model's real dimensions and seeded random weights, timed as CUDA-graph replays
+(median of `executor.repeats`, weight copies rotated against the L2 cache). Beside each
+measurement: the simulator's prediction of the same layer (Roofline.routed_experts_s), the
+error, the policy's own time. Outputs: measurements.csv, summary.json and, on a GPU,
+calibration.json (executor/calibrate.py) for conf/hardware/<gpu>.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lynx_sim.cost import HardwareSpec, Roofline
+from lynx_sim.engine.replay import ClosedLoopReplay
+from lynx_sim.model import ModelSpec
+from lynx_sim.policies import BatchRouting, build_policy
+from lynx_sim.policies.calibration import Calibration
+from lynx_sim.policies.vanilla import Vanilla
+from lynx_sim.traces.source import build_source
+
+from . import calibrate
+from .device import choose, versions
+from .timing import median_time_s
+from .weights import copies_needed, make_layers
+
+
+def _lynx_on_kernels(policy, model) -> bool:
+    """Lynx runs on the Triton kernels where they reproduce the torch policy exactly."""
+    return (policy.name == "lynx" and model.router.kind == "softmax" and policy.beta is not None
+            and policy.arithmetic == "float32" and policy.tie_break == "lowest_index")
+
+
+def run(cfg, out_dir: str | Path) -> dict:
+    t0 = time.perf_counter()
+    ex = cfg.executor
+    dev = choose(str(ex.device))
+    import torch
+
+    from kernels import fused_moe, moe_reference, select_config
+    from kernels.lynx_routing import lynx_route
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, hw = ModelSpec.from_cfg(cfg.model), HardwareSpec.from_cfg(cfg.hardware)
+    cost = Roofline(model, hw)
+    source = build_source(cfg, model)
+    policy = build_policy(cfg.policy, model, expert_time_s=cost.expert_time_s())
+    policy.check_available(source.fields, source.name)
+    if policy.needs_calibration:
+        policy.prepare(Calibration.from_source(source))
+    vanilla = Vanilla(model.router)
+    B, E, k, L = int(cfg.batch), model.num_experts, model.top_k, model.num_moe_layers
+    steps = int(ex.steps)
+    cpu = dev.interpreted
+    H, I = (int(ex.cpu_hidden), int(ex.cpu_intermediate)) if cpu else (model.hidden_size, model.expert_intermediate_size)
+    layers = list(range(L)) if ex.layers is None else list(range(min(int(ex.layers), L)))
+    dtype = getattr(torch, str(ex.dtype))
+    expert_bytes = 3 * H * I * dtype.itemsize
+    copies = 1 if cpu else copies_needed(dev.l2_bytes, expert_bytes)
+    weights = make_layers(E, H, I, B, copies, dtype, dev.kind, int(cfg.seed))
+    replay = ClosedLoopReplay(source, B, np.random.default_rng(int(cfg.seed)), horizon=steps)
+    on_kernels = _lynx_on_kernels(policy, model)
+    repeats, warmup = (1, 0) if cpu else (int(ex.repeats), int(ex.warmup))
+    rows, mismatches, check_err = [], 0, 0.0
+    lynx_buf: dict = {}
+    for step in range(steps):
+        batch, _ = replay.batch()
+        replay.advance()
+        d = lambda t: None if t is None else t.to(dev.kind)  # noqa: E731
+        b = BatchRouting(d(batch.ids), d(batch.weights), d(batch.logits), ids_ordered=batch.ids_ordered,
+                         logits_filled=batch.logits_filled)
+        sel, base = policy.select(b), vanilla.select(b)
+        policy_layer_s = float("nan")
+        if on_kernels and sel.acted:
+            ids_k, w_k, _ = lynx_route(b.logits.float(), policy.alpha, policy.beta, k, model.router.renormalize, out=lynx_buf)
+            mismatches += int((ids_k != sel.ids).any(-1).sum())
+            z = b.logits.float()
+            per_layer = [lambda z=z, l=l, buf={}: lynx_route(z[l:l + 1], policy.alpha, policy.beta, k,  # noqa: B008
+                                                            model.router.renormalize, out=buf) for l in layers]
+            policy_layer_s = median_time_s(per_layer, repeats, warmup, dev.kind, bool(ex.cuda_graphs))
+        elif sel.acted and policy.name != "vanilla":
+            policy_layer_s = median_time_s([lambda: policy.route(b)], repeats, warmup, dev.kind, False) / L
+        for l in layers:
+            for who, s in (("policy", sel), ("vanilla", base)):
+                ids_l = s.ids[l].contiguous()
+                w_l = (s.weights[l] if s.weights is not None else torch.full(ids_l.shape, 1.0 / k, device=dev.kind))
+                w_l = w_l.float().contiguous()
+                counts = torch.bincount(ids_l[ids_l >= 0].flatten().cpu(), minlength=E).numpy()
+                distinct = int(np.count_nonzero(counts))
+                conf = select_config(B * k, distinct, H, I, dev.name if not cpu else "", str(ex.dtype))
+                ws, out = {}, torch.empty(B, H, dtype=dtype, device=dev.kind)
+                fns = [lambda w=w, ws=ws: fused_moe(w.x, w.w1, w.w2, ids_l, w_l, config=conf, out=out, workspace=ws)
+                       for w in weights]
+                t = median_time_s(fns, repeats, warmup, dev.kind, bool(ex.cuda_graphs))
+                if bool(ex.check) and step == 0:  # the measured kernels computed the right layer
+                    got = fused_moe(weights[0].x, weights[0].w1, weights[0].w2, ids_l, w_l, config=conf).double().cpu()
+                    ref = moe_reference(weights[0].x.cpu(), weights[0].w1.cpu(), weights[0].w2.cpu(), ids_l.cpu(), w_l.cpu())
+                    check_err = max(check_err, float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
+                mem_s = distinct * model.expert_bytes / cost.moe_bw
+                flop_s = model.expert_flops(cost.padded(counts).sum()) / cost.expert_fps
+                pred = float(cost.routed_experts_s(counts[None])[0])
+                rows.append({"step": step, "layer": l, "routing": who, "batch": B, "pairs": int(counts.sum()),
+                             "distinct": distinct, "block_m": conf.block_m, "measured_us": t * 1e6, "predicted_us": pred * 1e6,
+                             "error": (pred - t) / t, "memory_bound": bool(mem_s >= flop_s),
+                             "policy_us": policy_layer_s * 1e6 if who == "policy" else float("nan")})
+    table = pd.DataFrame(rows)
+    table.to_csv(out_dir / "measurements.csv", index=False)
+    summary = _summary(cfg, dev, model, policy, table, H, I, copies, layers, mismatches, check_err, on_kernels)
+    if not cpu:
+        summary["calibration"] = _calibrate(table, model, hw, dev, out_dir)
+    summary["wall_s"] = round(time.perf_counter() - t0, 3)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    return summary
+
+
+def _summary(cfg, dev, model, policy, table, H, I, copies, layers, mismatches, check_err, on_kernels) -> dict:
+    pol, van = table[table.routing == "policy"], table[table.routing == "vanilla"]
+    err = table.error.abs()
+    notes = []
+    if dev.interpreted:
+        notes.append("executor.device=cpu: tiny dimensions under the Triton interpreter; the timings check the "
+                     "plumbing and are not GPU speed")
+    if H != model.hidden_size:
+        notes.append(f"dimensions H={H}, I={I} instead of the model's {model.hidden_size}, "
+                     f"{model.expert_intermediate_size}: predictions (for the real dimensions) are not comparable")
+    policy_us = pol.policy_us.dropna()
+    return {
+        "device": versions(dev), "date": date.today().isoformat(), "model": model.name, "policy": policy.name,
+        "batch": int(cfg.batch), "steps": int(cfg.executor.steps), "layers_timed": len(layers), "hidden": H,
+        "intermediate": I, "weight_copies": copies, "dtype": str(cfg.executor.dtype),
+        "moe_layer_us": {"policy": float(pol.measured_us.median()), "vanilla": float(van.measured_us.median())},
+        "measured_moe_speedup": float(van.measured_us.sum() / pol.measured_us.sum()),
+        "predicted_moe_speedup": float(van.predicted_us.sum() / pol.predicted_us.sum()),
+        "distinct_experts": {"policy": float(pol.distinct.mean()), "vanilla": float(van.distinct.mean())},
+        "policy_us_per_layer": float(policy_us.median()) if len(policy_us) else None,
+        "policy_share_of_moe_layer": float(policy_us.median() / pol.measured_us.median()) if len(policy_us) else None,
+        "policy_on_kernels": on_kernels, "kernel_vs_policy_mismatched_tokens": int(mismatches),
+        "reference_check_max_rel_error": check_err,
+        "simulator_error": None if dev.interpreted else {"median": float(err.median()), "p90": float(err.quantile(0.9))},
+        "notes": notes,
+    }
+
+
+def _calibrate(table, model, hw, dev, out_dir: Path) -> dict:
+    """Fit moe_bandwidth_efficiency and moe_layer_fixed_us on this run's points (both routings)."""
+    try:
+        result = calibrate.fit(table, model.expert_bytes, hw.hbm_bandwidth_gbps * 1e9)
+    except ValueError as e:
+        return {"skipped": str(e)}
+    meta = {"device": dev.name, "hardware": hw.name, "model": model.name, "date": date.today().isoformat()}
+    path = calibrate.write(out_dir / "calibration.json", result, meta)
+    return {**result, "path": str(path)}
