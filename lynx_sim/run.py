@@ -57,7 +57,7 @@ def run(cfg, out_dir: str | Path | None = None, quiet: bool = False) -> dict:
     source = build_source(cfg, model)
     policy = build_policy(cfg.policy, model, expert_time_s=base_cost.expert_time_s())
     cost = Roofline(model, hw, parallel, policy_overhead_us=policy.overhead_us)
-    fill = _missing_logits(cfg, policy, source, approximations)
+    fill = missing_logits(cfg, policy, source, approximations)
     policy.check_available(source.fields | ({"logits"} if fill else set()), source.name)
     if policy.needs_calibration:
         calib = Calibration.from_source(source)
@@ -251,7 +251,7 @@ def _write(out: Path, cfg, summary: dict, tables: dict, model) -> None:
         plots.latency_cdf(tables["requests"], pdir / "latency_cdf.png", (cfg.get("slo") or {}).get("tpot_ms"))
 
 
-def _missing_logits(cfg, policy, source, approximations: list) -> bool:
+def missing_logits(cfg, policy, source, approximations: list) -> bool:
     """Opt-in stand-in logits (`approximate_missing=lowest_bin`) for a policy that reads logits."""
     mode = cfg.get("approximate_missing")
     if mode not in (None, "lowest_bin"):

@@ -99,3 +99,14 @@ def test_gpu_run_measures_and_calibrates(tmp_path):
     s = run(cfg, tmp_path)
     assert s["kernel_vs_policy_mismatched_tokens"] == 0 and s["reference_check_max_rel_error"] < 3e-2
     assert s["moe_layer_us"]["vanilla"] > 0 and (tmp_path / "measurements.csv").is_file()
+
+
+def test_executor_benchmark_script_runs(tmp_path):
+    """benchmarks/executor.py --cpu: the GPU benchmark's whole path at tiny sizes."""
+    out = tmp_path / "e.json"
+    r = subprocess.run([sys.executable, "benchmarks/executor.py", "--cpu", "--models", "qwen3_30b_a3b", "--batches", "4",
+                        "--policies", "static_k", "--steps", "1", "--layers", "1", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["distinct_experts"]["policy"] < rows[0]["distinct_experts"]["vanilla"]

@@ -153,3 +153,22 @@ def test_config_table(tmp_path, monkeypatch):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not a tuned MoE config table"):
         load_table(path)
+
+
+def test_kernel_benchmark_script_runs(tmp_path):
+    """benchmarks/kernels.py --cpu: every path of the GPU benchmark (ours, the torch loop,
+    torch._grouped_mm where present, Lynx routing, the reference checks) at tiny sizes."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "k.json"
+    r = subprocess.run([sys.executable, "benchmarks/kernels.py", "--cpu", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["interpreted"] and len(data["decode"]) == 6 and len(data["lynx_routing"]) == 6
+    assert all(row["ours_us"] > 0 and row["distinct"] >= 1 for row in data["decode"])
+    if hasattr(torch, "_grouped_mm"):
+        assert all(isinstance(row["grouped_mm_us"], float) for row in data["decode"])
