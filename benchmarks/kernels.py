@@ -14,7 +14,11 @@ layer) as a fraction of the MoE layer it selects for, at B = 16, 64, 256.
 Targets (kernels issue): decode at B = 16-64 at >= 85% of the roofline; ours at least as fast as
 torch._grouped_mm; Lynx routing <= 3% of the MoE layer at B = 64.
 
-Usage: python benchmarks/kernels.py [--repeats 50] [--datasheet-gbps 3350 --datasheet-tflops 989.4] [--cpu]
+`--tune` first times candidate launch configurations per shape and decode batch and writes the
+fastest per bucket of pairs per expert to kernels/tuned/<device>_bfloat16_H<H>_I<I>.json, the
+table kernels/configs.py reads (then the benchmark runs with it).
+
+Usage: python benchmarks/kernels.py [--repeats 50] [--datasheet-gbps 3350 --datasheet-tflops 989.4] [--tune] [--cpu]
 Prints tables and writes benchmarks/results/kernels_<device>.json.
 """
 
@@ -71,6 +75,55 @@ def grouped_mm_moe(x, w1, w2, ids, w):
     return torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, order // k, y.float()).to(x.dtype)
 
 
+def candidates(limit: int | None = None):
+    """Launch configurations to try: tile rows, columns, depth, warps, pipeline stages."""
+    from kernels import MoEConfig
+
+    out = [MoEConfig(m, n, k, w, st) for m in (16, 32, 64) for n in (64, 128) for k in (64, 128)
+           for w in (4, 8) for st in (3, 4)]
+    return out[:limit] if limit else out
+
+
+def tune(dev, shapes: dict, batches, reps: int, warm: int, limit: int | None, out_dir: Path | None) -> list[Path]:
+    """Fastest candidate per (shape, bucket of pairs per expert); one JSON table per shape."""
+    import torch
+
+    from executor.timing import median_time_s
+    from executor.weights import copies_needed, make_layers
+    from kernels import fused_moe
+    from kernels.configs import bucket, table_path
+
+    written = []
+    for name, (H, I, E, k) in shapes.items():
+        layers = make_layers(E, H, I, max(batches), 1 if dev.interpreted else copies_needed(dev.l2_bytes, 6 * H * I),
+                             torch.bfloat16, dev.kind, 0)
+        best: dict[int, tuple[float, object]] = {}
+        for B in batches:
+            ids, w = (t.to(dev.kind) for t in trace_ids(name, B))
+            b = bucket(B * k / int(torch.unique(ids).numel()))
+            for c in candidates(limit):
+                outs = [torch.empty(B, H, dtype=torch.bfloat16, device=dev.kind) for _ in layers]
+                try:
+                    t = median_time_s([lambda L=L, o=o, ws={}: fused_moe(L.x[:B], L.w1, L.w2, ids, w, config=c, out=o,
+                                                                         workspace=ws) for L, o in zip(layers, outs)],
+                                      reps, warm, dev.kind)
+                except Exception as e:  # e.g. tiles that need more shared memory than the GPU has
+                    print(f"  {name} B={B} {c}: skipped ({type(e).__name__})", file=sys.stderr)
+                    continue
+                if b not in best or t < best[b][0]:
+                    best[b] = (t, c)
+        path = table_path(dev.name, "bfloat16", H, I)
+        if out_dir is not None:
+            path = out_dir / path.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"device": dev.name, "date": date.today().isoformat(), "shape": name,
+                                    "configs": {str(b): c.as_dict() for b, (_, c) in sorted(best.items())},
+                                    "median_us": {str(b): t * 1e6 for b, (t, _) in sorted(best.items())}}, indent=2) + "\n")
+        written.append(path)
+        print(f"tuned {name}: {len(best)} buckets -> {path}")
+    return written
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=50)
@@ -78,6 +131,9 @@ def main(argv=None) -> int:
     ap.add_argument("--datasheet-tflops", type=float, default=989.4)
     ap.add_argument("--cpu", action="store_true", help="tiny sizes under the Triton interpreter: checks the script only")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--tune", action="store_true", help="time candidate configs and write kernels/tuned/ tables first")
+    ap.add_argument("--candidates", type=int, help="try only the first N candidate configs (with --tune)")
+    ap.add_argument("--tune-dir", type=Path, help="write tuned tables here instead of kernels/tuned/")
     a = ap.parse_args(argv)
     if a.cpu:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -98,6 +154,11 @@ def main(argv=None) -> int:
     reps, warm = (1, 0) if a.cpu else (a.repeats, 5)
     peak_Bps, peak_flops = a.datasheet_gbps * 1e9, a.datasheet_tflops * 1e12
     has_grouped = hasattr(torch, "_grouped_mm")
+    if a.tune:
+        shapes = {n: ((64, 32, E, k) if a.cpu else (H, I, E, k)) for n, (H, I, E, k) in SHAPES.items()}
+        tune(dev, shapes, DECODE[:2] if a.cpu else DECODE, reps, warm, a.candidates, a.tune_dir)
+        if a.cpu:
+            return 0
     decode_rows, prefill_rows, lynx_rows = [], [], []
     for name, (H, I, E, k) in SHAPES.items():
         if a.cpu:

@@ -172,3 +172,19 @@ def test_kernel_benchmark_script_runs(tmp_path):
     assert all(row["ours_us"] > 0 and row["distinct"] >= 1 for row in data["decode"])
     if hasattr(torch, "_grouped_mm"):
         assert all(isinstance(row["grouped_mm_us"], float) for row in data["decode"])
+
+
+def test_tuning_writes_a_table_the_kernels_read(tmp_path):
+    """benchmarks/kernels.py --tune (CPU check mode, two candidates): a table per shape that
+    kernels/configs.py loads."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, "benchmarks/kernels.py", "--cpu", "--tune", "--candidates", "2",
+                        "--tune-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (path,) = tmp_path.glob("*.json")
+    table = load_table(path)
+    assert table and all(isinstance(c, MoEConfig) for c in table.values())
