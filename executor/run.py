@@ -48,7 +48,7 @@ def run(cfg, out_dir: str | Path) -> dict:
     dev = choose(str(ex.device))
     import torch
 
-    from kernels import fused_moe, moe_reference, select_config
+    from kernels import align_block_size, fused_moe, moe_reference, select_config
     from kernels.lynx_routing import lynx_route
 
     out_dir = Path(out_dir)
@@ -106,6 +106,8 @@ def run(cfg, out_dir: str | Path) -> dict:
                 fns = [lambda w=w, ws=ws: fused_moe(w.x, w.w1, w.w2, ids_l, w_l, config=conf, out=out, workspace=ws)
                        for w in weights]
                 t = median_time_s(fns, repeats, warmup, dev.kind, bool(ex.cuda_graphs))
+                t_align = (median_time_s([lambda: align_block_size(ids_l, E, conf.block_m)], repeats, warmup, dev.kind,
+                                         bool(ex.cuda_graphs)) if l == layers[0] else float("nan"))  # a share, once per step
                 if bool(ex.check) and step == 0:  # the measured kernels computed the right layer
                     got = fused_moe(weights[0].x, weights[0].w1, weights[0].w2, ids_l, w_l, config=conf).double().cpu()
                     ref = moe_reference(weights[0].x.cpu(), weights[0].w1.cpu(), weights[0].w2.cpu(), ids_l.cpu(), w_l.cpu())
@@ -115,7 +117,7 @@ def run(cfg, out_dir: str | Path) -> dict:
                 pred = float(cost.routed_experts_s(counts[None])[0])
                 rows.append({"step": step, "layer": l, "routing": who, "batch": B, "pairs": int(counts.sum()),
                              "distinct": distinct, "block_m": conf.block_m, "measured_us": t * 1e6, "predicted_us": pred * 1e6,
-                             "error": (pred - t) / t, "memory_bound": bool(mem_s >= flop_s),
+                             "error": (pred - t) / t, "memory_bound": bool(mem_s >= flop_s), "align_us": t_align * 1e6,
                              "policy_us": policy_layer_s * 1e6 if who == "policy" else float("nan")})
     table = pd.DataFrame(rows)
     table.to_csv(out_dir / "measurements.csv", index=False)
@@ -148,6 +150,7 @@ def _summary(cfg, dev, model, policy, table, H, I, copies, layers, mismatches, c
         "predicted_moe_speedup": float(van.predicted_us.sum() / pol.predicted_us.sum()),
         "distinct_experts": {"policy": float(pol.distinct.mean()), "vanilla": float(van.distinct.mean())},
         "policy_us_per_layer": float(policy_us.median()) if len(policy_us) else None,
+        "align_us": float(table.align_us.median()),  # the align step alone (inside moe_layer_us)
         "policy_share_of_moe_layer": float(policy_us.median() / pol.measured_us.median()) if len(policy_us) else None,
         "policy_on_kernels": on_kernels, "kernel_vs_policy_mismatched_tokens": int(mismatches),
         "reference_check_max_rel_error": check_err,
