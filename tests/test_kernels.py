@@ -93,16 +93,18 @@ def test_fused_moe_default_config_and_fresh_buffers():
     assert got.dtype == torch.float16 and (got.double() - ref).abs().max() <= 4e-3 * ref.abs().max()
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["triton", "torch"])
 @pytest.mark.parametrize("seed", range(6))
-def test_align_layout(seed):
+def test_align_layout(seed, fused):
     """Every live pair appears once, in its expert's run, in pair order; runs are padded to the
-    block; empty experts own no block; blocks past the end are marked -1."""
+    block; empty experts own no block; blocks past the end are marked -1 (both align paths)."""
     g = torch.Generator().manual_seed(seed)
     T, E, k = int(torch.randint(1, 40, (1,), generator=g)), int(torch.randint(2, 20, (1,), generator=g)), 0
     k = int(torch.randint(1, min(E, 8) + 1, (1,), generator=g))
     bm = (1, 2, 4, 16, 64)[seed % 5]
     ids, _ = routing(g, T, E, k, drop=0.3)
-    al = align_block_size(ids, E, bm)
+    al = align_block_size(ids.to(DEVICE), E, bm, fused=fused)
+    al.sorted_pairs, al.block_expert, al.num_padded = al.sorted_pairs.cpu(), al.block_expert.cpu(), al.num_padded.cpu()
     P = T * k
     flat = ids.reshape(-1)
     sp, be, n = al.sorted_pairs.long(), al.block_expert.long(), int(al.num_padded)
@@ -124,6 +126,26 @@ def test_align_layout(seed):
         mine = run[flat[run] == e]
         assert mine.tolist() == sorted(mine.tolist())
         assert (counts[e] == 0) == (not (be == e).any())
+
+
+def test_fused_align_equals_the_torch_align():
+    """The one-program Triton align and the torch ops give the same layout, bit for bit, on
+    random routings with dropped slots, every block size, up to the fused kernel's limit."""
+    from kernels.align import MAX_FUSED_PAIRS
+
+    g = torch.Generator().manual_seed(3)
+    for trial in range(24):
+        T = int(torch.randint(1, 60, (1,), generator=g)) if trial < 22 else MAX_FUSED_PAIRS // 8
+        E = int(torch.randint(2, 300, (1,), generator=g)) if trial % 3 else 256
+        k = int(torch.randint(1, min(E, 8) + 1, (1,), generator=g)) if trial < 22 else 8
+        ids, _ = routing(g, T, E, k, drop=0.3)
+        bm = (1, 2, 4, 16, 64, 128)[trial % 6]
+        a = align_block_size(ids, E, bm, fused=False)
+        b = align_block_size(ids.to(DEVICE), E, bm, fused=True)
+        for f in ("sorted_pairs", "block_expert", "num_padded"):
+            assert torch.equal(getattr(a, f), getattr(b, f).cpu()), (trial, f)
+    with pytest.raises(ValueError, match="up to"):
+        align_block_size(torch.zeros(MAX_FUSED_PAIRS + 1, 1, dtype=torch.long), 4, 16, fused=True)
 
 
 def test_bad_inputs_are_named():
