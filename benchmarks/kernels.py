@@ -29,6 +29,7 @@ import json
 import os
 import sys
 import time
+import statistics
 from datetime import date
 from pathlib import Path
 
@@ -92,12 +93,13 @@ def tune(dev, shapes: dict, batches, reps: int, warm: int, limit: int | None, ou
     from executor.weights import copies_needed, make_layers
     from kernels import fused_moe
     from kernels.configs import bucket, table_path
+    from triton.runtime.errors import OutOfResources
 
     written = []
     for name, (H, I, E, k) in shapes.items():
         layers = make_layers(E, H, I, max(batches), 1 if dev.interpreted else copies_needed(dev.l2_bytes, 6 * H * I),
                              torch.bfloat16, dev.kind, 0)
-        best: dict[int, tuple[float, object]] = {}
+        times: dict[int, dict[int, dict]] = {}  # bucket -> batch -> {config: seconds}
         for B in batches:
             ids, w = (t.to(dev.kind) for t in trace_ids(name, B))
             b = bucket(B * k / int(torch.unique(ids).numel()))
@@ -107,11 +109,20 @@ def tune(dev, shapes: dict, batches, reps: int, warm: int, limit: int | None, ou
                     t = median_time_s([lambda L=L, o=o, ws={}: fused_moe(L.x[:B], L.w1, L.w2, ids, w, config=c, out=o,
                                                                          workspace=ws) for L, o in zip(layers, outs)],
                                       reps, warm, dev.kind)
-                except Exception as e:  # e.g. tiles that need more shared memory than the GPU has
-                    print(f"  {name} B={B} {c}: skipped ({type(e).__name__})", file=sys.stderr)
+                except OutOfResources as e:  # tiles that need more shared memory than the GPU has
+                    print(f"  {name} B={B} {c}: skipped ({e})", file=sys.stderr)
                     continue
-                if b not in best or t < best[b][0]:
-                    best[b] = (t, c)
+                times.setdefault(b, {}).setdefault(B, {})[c] = t
+        best: dict[int, tuple[float, object]] = {}
+        for b, per_batch in times.items():  # several batches share a bucket: rank configs by time relative
+            common = set.intersection(*(set(ts) for ts in per_batch.values()))  # to each batch's own best
+            if common:
+                score = {c: statistics.mean(ts[c] / min(ts.values()) for ts in per_batch.values()) for c in common}
+                c = min(score, key=score.get)
+                best[b] = (statistics.median(ts[c] for ts in per_batch.values()), c)
+        if not best:
+            print(f"tuning {name}: no candidate ran; no table written", file=sys.stderr)
+            continue
         path = table_path(dev.name, "bfloat16", H, I)
         if out_dir is not None:
             path = out_dir / path.name
@@ -191,7 +202,8 @@ def main(argv=None) -> int:
                                 "vs_grouped_mm": grouped / ours if isinstance(grouped, float) else None})
             if B in (16, 64, 256) or a.cpu:  # Lynx routing of one layer against the layer it feeds
                 z = torch.randn(1, B, E, device=d) * 2
-                lt = median_time_s([lambda z=z, buf={}: lynx_route(z, model.lynx.alpha, model.lynx.beta, k, True, out=buf)],
+                renorm = bool(model.moe.get("renormalize", True))
+                lt = median_time_s([lambda z=z, buf={}: lynx_route(z, model.lynx.alpha, model.lynx.beta, k, renorm, out=buf)],
                                    reps, warm, d)
                 lynx_rows.append({"shape": name, "batch": B, "lynx_us": lt * 1e6, "moe_layer_us": ours * 1e6,
                                   "fraction": lt / ours})

@@ -101,20 +101,20 @@ def run(cfg, out_dir: str | Path) -> dict:
                 w_l = w_l.float().contiguous()
                 counts = torch.bincount(ids_l[ids_l >= 0].flatten().cpu(), minlength=E).numpy()
                 distinct = int(np.count_nonzero(counts))
-                conf = select_config(B * k, distinct, H, I, dev.name if not cpu else "", str(ex.dtype))
+                conf = select_config(int(counts.sum()), distinct, H, I, dev.name if not cpu else "", str(ex.dtype))
                 ws, out = {}, torch.empty(B, H, dtype=dtype, device=dev.kind)
                 fns = [lambda w=w, ws=ws: fused_moe(w.x, w.w1, w.w2, ids_l, w_l, config=conf, out=out, workspace=ws)
                        for w in weights]
                 t = median_time_s(fns, repeats, warmup, dev.kind, bool(ex.cuda_graphs))
                 t_align = (median_time_s([lambda: align_block_size(ids_l, E, conf.block_m)], repeats, warmup, dev.kind,
                                          bool(ex.cuda_graphs)) if l == layers[0] else float("nan"))  # a share, once per step
-                if bool(ex.check) and step == 0:  # the measured kernels computed the right layer
+                if bool(ex.check) and step == 0 and l == layers[0]:  # the measured kernels computed the right layer
                     got = fused_moe(weights[0].x, weights[0].w1, weights[0].w2, ids_l, w_l, config=conf).double().cpu()
                     ref = moe_reference(weights[0].x.cpu(), weights[0].w1.cpu(), weights[0].w2.cpu(), ids_l.cpu(), w_l.cpu())
                     check_err = max(check_err, float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
                 mem_s = distinct * model.expert_bytes / cost.moe_bw
-                flop_s = model.expert_flops(cost.padded(counts).sum()) / cost.expert_fps
-                pred = float(cost.routed_experts_s(counts[None])[0])
+                flop_s = model.expert_flops(cost.padded(counts, conf.block_m).sum()) / cost.expert_fps
+                pred = float(cost.routed_experts_s(counts[None], conf.block_m)[0])  # padded as the kernel ran
                 rows.append({"step": step, "layer": l, "routing": who, "batch": B, "pairs": int(counts.sum()),
                              "distinct": distinct, "block_m": conf.block_m, "measured_us": t * 1e6, "predicted_us": pred * 1e6,
                              "error": (pred - t) / t, "memory_bound": bool(mem_s >= flop_s), "align_us": t_align * 1e6,
@@ -123,6 +123,10 @@ def run(cfg, out_dir: str | Path) -> dict:
     table.to_csv(out_dir / "measurements.csv", index=False)
     summary = _summary(cfg, dev, model, policy, table, H, I, copies, layers, mismatches, check_err, on_kernels)
     summary["notes"] += approximations
+    family = hw.name.split("_")[0].lower()
+    if not cpu and family not in dev.name.lower().replace(" ", ""):
+        summary["notes"].append(f"hardware={hw.name} but the GPU is {dev.name}: predictions and the calibration use "
+                                f"{hw.name}'s datasheet figures (choose the matching hardware=...)")
     if not cpu:
         summary["calibration"] = _calibrate(table, model, hw, dev, out_dir)
     summary["wall_s"] = round(time.perf_counter() - t0, 3)

@@ -1,5 +1,8 @@
 """GPU time of a callable: warm-up, then CUDA-graph replays timed by CUDA events, median.
 
+Each timed window holds INNER replays queued behind a GPU sleep, so that the host's launch
+latency (several us a replay) never shows as idle GPU time between them.
+
 A decode step's kernels run under CUDA graphs in serving engines, so launch gaps are not part
 of what we compare with the model; a graph per (callable, input set) is captured once and
 replayed. On the CPU (Triton interpreter) the wall clock is reported instead, flagged: it checks
@@ -11,6 +14,9 @@ from __future__ import annotations
 import statistics
 import time
 from typing import Callable
+
+INNER = 8  # calls per timed window: a short graph's replay would otherwise wait on the host's launch
+SLEEP_CYCLES = 2_000_000  # ~1 ms of GPU sleep while the host queues the window
 
 
 def median_time_s(fns: list[Callable[[], object]], repeats: int, warmup: int, device: str,
@@ -33,14 +39,17 @@ def median_time_s(fns: list[Callable[[], object]], repeats: int, warmup: int, de
     for i in range(max(warmup, 1)):
         runs[i % len(runs)]()
     torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    for i in range(repeats):
-        starts[i].record()
-        runs[i % len(runs)]()
-        ends[i].record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
+    times = []
+    for i in range(repeats):  # INNER calls back to back, queued behind a sleep kernel: no launch gaps
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(SLEEP_CYCLES)
+        start.record()
+        for j in range(INNER):
+            runs[(i * INNER + j) % len(runs)]()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / INNER)
+    return statistics.median(times) / 1e3
 
 
 def _graph(fn: Callable[[], object]) -> Callable[[], None]:

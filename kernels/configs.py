@@ -73,5 +73,6 @@ def select_config(num_pairs: int, distinct_experts: int, H: int, I: int, device_
         table = load_table(path)
         b = bucket(ppe)
         best = min(table, key=lambda k: (abs(k.bit_length() - b.bit_length()), k))
-        return table[best]
+        if abs(best.bit_length() - b.bit_length()) <= 1:  # a tuned neighbour; far from every entry: heuristic
+            return table[best]
     return heuristic(ppe)

@@ -171,6 +171,7 @@ def test_config_table(tmp_path, monkeypatch):
                                             "256": MoEConfig(64, 64, 64, 8, 3).as_dict()}}))
     assert select_config(64, 8, 4096, 14336, "NVIDIA H100 80GB HBM3").block_n == 128  # 8 per expert -> bucket 4
     assert select_config(64 * 40, 8, 4096, 14336, "NVIDIA H100 80GB HBM3").block_m == 64
+    assert select_config(8192 * 8, 8, 4096, 14336, "NVIDIA H100 80GB HBM3") == heuristic(8192)  # far from the table
     assert select_config(64, 8, 4096, 14336, "other GPU") == heuristic(8)
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not a tuned MoE config table"):

@@ -20,6 +20,7 @@ from lynx_sim.policies.lynx import Lynx
 from lynx_sim.routing import RouterSpec
 
 DEVICE = "cuda" if os.environ.get("LYNX_KERNELS_ON_GPU") == "1" else "cpu"
+RTOL = 1e-5 if DEVICE == "cuda" else 1e-6  # weights: Triton's GPU exp is not libm's (ids stay exact)
 
 CASES = [  # (L, B, E, k, alpha, beta, renormalize, quantum)
     (2, 1, 8, 2, 0.7, 1, True, None),
@@ -58,7 +59,7 @@ def test_lynx_kernels_equal_the_torch_policy(case):
         assert torch.equal(buf["key"].cpu(), key), "keys"
         assert torch.equal(keep, pol.keep_mask(Z)), "KEEP"
         assert torch.equal(ids, ids_ref), "ids"
-        torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(w, w_ref, rtol=RTOL, atol=RTOL / 10)
 
 
 def test_lynx_kernels_reject_bad_inputs():

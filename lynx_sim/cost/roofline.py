@@ -91,9 +91,10 @@ class Roofline:
         """Memory-bound time of one more distinct expert in a decode MoE layer (on one rank)."""
         return self.model.expert_bytes / self.par.tp / self.moe_bw
 
-    def padded(self, expert_tokens: np.ndarray) -> np.ndarray:
-        """Each expert's tokens rounded up to the tile rows; an expert with none stays at 0."""
-        m = self.hw.moe_block_m
+    def padded(self, expert_tokens: np.ndarray, block_m: int | None = None) -> np.ndarray:
+        """Each expert's tokens rounded up to the tile rows (`block_m`, default the hardware's
+        moe_block_m); an expert with none stays at 0."""
+        m = block_m or self.hw.moe_block_m
         return -(-expert_tokens // m) * m
 
     def _moe_rank_s(self, counts: np.ndarray, tokens) -> np.ndarray:
@@ -105,13 +106,13 @@ class Roofline:
         flops = padded * (2.0 * m.expert_params / tp) + self._moe_flops_per_token * tokens
         return np.maximum(bytes_ / self.moe_bw, flops / self.expert_fps)
 
-    def routed_experts_s(self, counts: np.ndarray) -> np.ndarray:
+    def routed_experts_s(self, counts: np.ndarray, block_m: int | None = None) -> np.ndarray:
         """The routed experts alone, per MoE layer on one GPU: what the executor times (align,
         the two grouped GEMMs, the sum over k), counts [L, E] -> [L] seconds: weights of every
         distinct expert streamed once, tile-padded FLOPs, plus the fixed per-layer cost."""
         m = self.model
         distinct = np.count_nonzero(counts, axis=-1)
-        flops = m.expert_flops(self.padded(counts).sum(-1))
+        flops = m.expert_flops(self.padded(counts, block_m).sum(-1))
         return np.maximum(distinct * m.expert_bytes / self.moe_bw, flops / self.expert_fps) + self.hw.moe_layer_fixed_us * 1e-6
 
     def _moe_parts(self, expert_tokens: np.ndarray, batch: int | None) -> tuple[np.ndarray, np.ndarray]:

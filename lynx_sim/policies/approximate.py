@@ -16,6 +16,6 @@ FAR_BELOW = -1.0e4
 
 def fill_logits(ids: torch.Tensor, weights: torch.Tensor | None, num_experts: int) -> torch.Tensor:
     """ids [..., k] (and weights [..., k]) -> logits [..., E]."""
-    inside = torch.zeros(ids.shape, dtype=torch.float32) if weights is None else torch.log(weights.float().clamp_min(1e-30))
-    z = torch.full((*ids.shape[:-1], num_experts), FAR_BELOW, dtype=torch.float32)
+    inside = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device) if weights is None else torch.log(weights.float().clamp_min(1e-30))
+    z = torch.full((*ids.shape[:-1], num_experts), FAR_BELOW, dtype=torch.float32, device=ids.device)
     return z.scatter_(-1, ids, inside)

@@ -92,8 +92,9 @@ class BatchBudget(Policy):
         KEEP is the first n of each row."""
         ids = batch.ids
         E = self.router.num_experts
-        W = expert_mass(ids, batch.weights if batch.weights is not None else torch.ones(ids.shape), E)
-        count = expert_mass(ids, torch.ones(ids.shape), E)
+        ones = torch.ones(ids.shape, device=ids.device)
+        W = expert_mass(ids, batch.weights if batch.weights is not None else ones, E)
+        count = expert_mass(ids, ones, E)
         by_count = torch.sort(count, dim=-1, descending=True, stable=True).indices
         order = by_count.gather(-1, torch.sort(W.gather(-1, by_count), dim=-1, descending=True, stable=True).indices)
         return order, min(E, batch.num_tokens if self.budget is None else self.budget)

@@ -83,7 +83,7 @@ class Capacity(Policy):
 
     def route(self, batch: BatchRouting):
         ids = batch.ids  # [L, B, k]
-        w = batch.weights if batch.weights is not None else torch.ones(ids.shape)
+        w = batch.weights if batch.weights is not None else torch.ones(ids.shape, device=ids.device)
         C = self.capacity(batch.num_tokens)
         if C >= batch.num_tokens:  # no expert can overflow
             return ids, batch.weights

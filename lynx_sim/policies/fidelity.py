@@ -63,7 +63,7 @@ def kl_to_router(batch: "BatchRouting", ids: torch.Tensor, weights: torch.Tensor
     """Mean over tokens of KL(q || softmax(logits)), [L]; NaN where it is not defined."""
     L = ids.shape[0]
     if batch.logits is None or batch.logits_filled or weights is None or router.kind == "sigmoid":
-        return torch.full((L,), float("nan"), dtype=torch.float64)
+        return torch.full((L,), float("nan"), dtype=torch.float64, device=ids.device)
     z = batch.logits
     logp = (z.gather(-1, ids.clamp_min(0)) - torch.logsumexp(z, -1, keepdim=True)).double()  # [L, B, k]
     w = weights.double() * (ids != DROPPED)
@@ -124,7 +124,7 @@ def measure_torch(batch: "BatchRouting", ids: torch.Tensor, weights: torch.Tenso
     mass = (w * present).sum(-1) / w.sum(-1).clamp_min(1e-30)  # [L, B]
     top1 = original_top1(batch)
     if top1 is None:
-        retention = torch.full((ids.shape[0],), float("nan"), dtype=torch.float64)
+        retention = torch.full((ids.shape[0],), float("nan"), dtype=torch.float64, device=ids.device)
     else:
         retention = (ids == top1[..., None]).any(-1).double().mean(-1)  # [L]
     kept = (ids != DROPPED).double()

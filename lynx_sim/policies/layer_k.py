@@ -45,7 +45,7 @@ def allocate(gains: torch.Tensor, budget: int) -> torch.Tensor:
     extra = min(max(budget, L), k * L) - L  # slots beyond each layer's top-1
     flat = gains[:, 1:].T.reshape(-1)  # [(k-1) * L], rank-major: ties go to the lower rank, then layer
     order = torch.sort(flat, descending=True, stable=True).indices[:extra]
-    k_l = torch.ones(L, dtype=torch.int64)
+    k_l = torch.ones(L, dtype=torch.int64, device=gains.device)
     return k_l.scatter_add_(0, order % L, torch.ones_like(order))
 
 
@@ -87,5 +87,5 @@ class LayerK(Policy):
                                    f"{len(self.k_per_layer)}")
         if bool((self.k_per_layer >= self.router.top_k).all()):
             return batch.ids, batch.weights
-        keep = keep_top_n(batch.weights, self.k_per_layer[:, None, None])  # [L, B, k]
+        keep = keep_top_n(batch.weights, self.k_per_layer.to(batch.weights.device)[:, None, None])  # [L, B, k]
         return keep_slots(batch.ids, batch.weights, keep, self.renormalize)

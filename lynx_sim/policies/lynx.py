@@ -84,9 +84,9 @@ class Lynx(Policy):
             bins = bins.clamp_min(-self.beta)
         if self.arithmetic == "float64" and self.beta is not None:
             scale = self._exact_scale(B)
-            w = torch.pow(torch.tensor(float(B), dtype=Z.dtype), bins + self.beta)  # integers
+            w = torch.pow(torch.tensor(float(B), dtype=Z.dtype, device=Z.device), bins + self.beta)  # integers
             return bins * scale + (w.sum(-2, keepdim=True) - w), bins
-        w = torch.pow(torch.tensor(float(B), dtype=Z.dtype), bins)  # [L, B, E]
+        w = torch.pow(torch.tensor(float(B), dtype=Z.dtype, device=Z.device), bins)  # [L, B, E]
         S = self._column_sums(bins, B, Z.dtype)[:, None, :] if self.beta is not None else w.sum(-2, keepdim=True)
         return bins + (S - w) / B, bins
 
@@ -95,15 +95,16 @@ class Lynx(Policy):
         sum_j n_j[e] x B**-j (n_j: tokens with e in bin -j). Mathematically the column sum; in
         float32 its rounding is fixed by this order (the plugin's atomic adds have none), and it
         is exact for power-of-two B. In float64 mode the caller scales it to integers."""
-        levels = -torch.arange(self.beta + 1, dtype=dtype)
-        table = torch.pow(torch.tensor(float(B), dtype=dtype), levels)  # [J]
+        dev = bins.device
+        levels = -torch.arange(self.beta + 1, dtype=dtype, device=dev)
+        table = torch.pow(torch.tensor(float(B), dtype=dtype, device=dev), levels)  # [J]
         if bins.device.type == "cpu":  # one compiled pass; counts are integers, so exact either way
             from .lynx_cpu import level_counts
 
             n = torch.from_numpy(level_counts(bins.contiguous().numpy(), self.beta + 1)).to(dtype)  # [L, J, E]
         else:
             n = torch.stack([(bins == -j).sum(-2) for j in range(self.beta + 1)], 1).to(dtype)
-        S = torch.zeros(bins.shape[0], bins.shape[-1], dtype=dtype)
+        S = torch.zeros(bins.shape[0], bins.shape[-1], dtype=dtype, device=dev)
         for j in range(self.beta + 1):
             S += n[:, j] * table[j]
         return S
@@ -146,8 +147,8 @@ class Lynx(Policy):
         very operations the per-element key uses (bit-identical in either arithmetic)."""
         L, B, E = Z.shape
         bins = torch.ceil(self.alpha * (Z - Z.amax(-1, keepdim=True))).clamp_min_(-self.beta)  # [L, B, E]
-        base = torch.tensor(float(B), dtype=Z.dtype)
-        levels = -torch.arange(self.beta + 1, dtype=Z.dtype)  # [J]: 0, -1, ..., -beta
+        base = torch.tensor(float(B), dtype=Z.dtype, device=Z.device)
+        levels = -torch.arange(self.beta + 1, dtype=Z.dtype, device=Z.device)  # [J]: 0, -1, ..., -beta
         if self.arithmetic == "float64":  # integer-scaled, as keys(): exact
             scale = self._exact_scale(B)
             S = torch.pow(base, bins + self.beta).sum(-2)  # [L, E]
@@ -157,7 +158,7 @@ class Lynx(Policy):
             v = levels[:, None] + (S[:, None, :] - torch.pow(base, levels)[:, None]) / B  # [L, J, E]
         order = torch.sort(v, dim=-1, descending=True, stable=True).indices  # [L, J, E]
         self._floor_order = order[:, -1, :]  # [L, E]: experts by rank inside the floor level
-        return bins, torch.empty_like(order).scatter_(-1, order, torch.arange(E).expand_as(order))
+        return bins, torch.empty_like(order).scatter_(-1, order, torch.arange(E, device=Z.device).expand_as(order))
 
     def _ranked_scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Unique integer scores [L, B, E] whose per-token top-k are the picks: bin x E + (E - 1

@@ -83,7 +83,7 @@ class Oracle(Policy):
         """W [L, E] float64: batch-summed normalised weight of every expert."""
         ids = batch.ids
         if batch.weights is None:
-            w = torch.full(ids.shape, 1.0 / ids.shape[-1], dtype=torch.float64)
+            w = torch.full(ids.shape, 1.0 / ids.shape[-1], dtype=torch.float64, device=ids.device)
         else:
             w = batch.weights.double()
             w = w / w.sum(-1, keepdim=True).clamp_min(1e-300)
