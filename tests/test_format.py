@@ -233,3 +233,47 @@ def test_reads_are_row_ranges(tmp_path):
     part = tr.read("logits", 100, 150)
     assert part.shape == (50, 3, 8)
     np.testing.assert_allclose(part, a.logits[100:150], atol=4e-3)
+
+
+def _rows(a, lo, hi):
+    """Rows [lo, hi) of TraceArrays a (whole requests in the tests below)."""
+    pick = lambda x: None if x is None else x[lo:hi]  # noqa: E731
+    return dataclasses.replace(a, request_id=a.request_id[lo:hi], position=a.position[lo:hi], phase=a.phase[lo:hi],
+                               ids=a.ids[lo:hi], weights=pick(a.weights), logits=pick(a.logits), arrival_s=pick(a.arrival_s))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_streamed_trace_equals_the_in_memory_one(tmp_path, dtype):
+    """TraceWriter's parts laid out as one file: safetensors loads it, and every tensor equals
+    what write_trace writes for the whole trace at once."""
+    from safetensors.torch import load_file
+
+    from lynx_sim.traces import TraceWriter
+
+    a = small_arrays(lengths=(5, 3, 4, 7, 1))
+    bounds = np.r_[0, np.cumsum((5, 3, 4, 7, 1))]
+    whole = load_file(str(write_trace(tmp_path / "whole.safetensors", a, float_dtype=dtype)))
+    with TraceWriter(tmp_path / "parts.safetensors", a.meta, float_dtype=dtype) as w:
+        for lo, hi in ((0, 2), (2, 3), (3, 5)):  # parts of 2, 1 and 2 requests
+            w.append(_rows(a, int(bounds[lo]), int(bounds[hi])))
+    parts = load_file(str(tmp_path / "parts.safetensors"))
+    assert set(parts) == set(whole)
+    for name in whole:
+        assert parts[name].dtype == whole[name].dtype and torch.equal(parts[name], whole[name]), name
+    tr = open_trace(tmp_path / "parts.safetensors")
+    assert tr.meta == a.meta and tr.num_requests == 5
+    assert not list(tmp_path.glob(".trace-parts-*")), "spool files removed"
+
+
+def test_streamed_writer_refuses_bad_parts(tmp_path):
+    from lynx_sim.traces import TraceWriter
+
+    a = small_arrays(lengths=(5, 3))
+    w = TraceWriter(tmp_path / "t.safetensors", a.meta)
+    w.append(_rows(a, 0, 5))
+    with pytest.raises(ValueError, match="continue from an earlier part"):
+        w.append(_rows(a, 0, 5))
+    with pytest.raises(ValueError, match="same fields"):
+        w.append(dataclasses.replace(_rows(a, 5, 8), logits=None))
+    with pytest.raises(ValueError, match="no parts"):
+        TraceWriter(tmp_path / "u.safetensors", a.meta).close()
