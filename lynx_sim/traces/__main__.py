@@ -3,6 +3,7 @@
   convert SRC.npz DST.safetensors         import a reference trace (../shared/traces schema)
   synth --model M [--requests N] DST      write a synthetic trace from conf/synth/M.yaml
   stats PATH [--json] [--plot OUT.png]    union fraction, adjacent overlap, load CV, top-1 weight
+  record --model DIR|HUB_ID --prompts FILE DST   routing of a Hugging Face MoE model during generate()
 """
 
 from __future__ import annotations
@@ -87,6 +88,25 @@ def cmd_stats(a) -> int:
     return 0
 
 
+def cmd_record(a) -> int:
+    import transformers
+
+    from .record import load_model, read_prompts, record, tokenize
+
+    prompts = read_prompts(a.prompts)[: a.limit] if a.limit else read_prompts(a.prompts)
+    model, tok = load_model(a.model, a.device, a.dtype)
+    ids = tokenize(tok, prompts, a.chat)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    prov = {"tool": "python -m lynx_sim.traces record", "model": a.model, "prompts": str(a.prompts),
+            "transformers": transformers.__version__, "max_new_tokens": a.max_new_tokens, "do_sample": a.do_sample,
+            "temperature": a.temperature, "top_p": a.top_p, "seed": a.seed, "dtype": a.dtype, "chat": a.chat}
+    dst = record(model, ids, a.dst, name=a.name or Path(a.model).name, batch_size=a.batch_size,
+                 max_new_tokens=a.max_new_tokens, do_sample=a.do_sample, temperature=a.temperature, top_p=a.top_p,
+                 seed=a.seed, pad_token_id=pad, chunk_tokens=a.chunk_tokens, float_dtype=a.float_dtype, provenance=prov)
+    print(f"wrote {dst}: {len(ids)} requests")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lynx_sim.traces", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,6 +132,24 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--draws", type=int, default=400, help="random batches per batch size for union_fraction")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=cmd_stats)
+    r = sub.add_parser("record", help="record routing of a Hugging Face MoE model during generate()")
+    r.add_argument("dst")
+    r.add_argument("--model", required=True, help="local model directory or hub id (HF_HUB_OFFLINE=1 stays offline)")
+    r.add_argument("--prompts", required=True, help="text file, one prompt per line, or .jsonl with 'prompt' or 'text'")
+    r.add_argument("--name", help="model name stored in the trace (default: the directory or id's last part)")
+    r.add_argument("--limit", type=int, help="only the first N prompts")
+    r.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--max-new-tokens", type=int, default=128)
+    r.add_argument("--do-sample", action="store_true")
+    r.add_argument("--temperature", type=float, default=1.0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    r.add_argument("--float-dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="stored floats")
+    r.add_argument("--chunk-tokens", type=int, default=16384, help="rows held in memory before a part is written")
+    r.set_defaults(fn=cmd_record)
     return p
 
 
