@@ -55,18 +55,11 @@ def test_evaluate_cli_on_a_local_model(tmp_path, monkeypatch):
     Mixtral defaults; a calibrated rule is refused with a clear message."""
     import json
 
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from test_record import save_tiny
 
     from lynx_sim.evaluate.__main__ import main
 
-    model = build("mixtral").float()
-    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<s>"] + [f"w{i}" for i in range(61)])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
-    model.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
+    save_tiny("mixtral", tmp_path / "m")
     (tmp_path / "p.txt").write_text("w1 w2 w3\nw4 w5\nw6 w7 w8 w9\n")
     (tmp_path / "t.txt").write_text(" ".join(f"w{i % 50}" for i in range(40)))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -66,6 +66,20 @@ def build(family: str):
     return model
 
 
+def save_tiny(family: str, path):
+    """A tiny float32 model of `family` and an offline word-level tokenizer ("w0".."w60"), saved
+    to `path` as a local model directory; returns the path."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<s>"] + [f"w{i}" for i in range(61)])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+    build(family).float().save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]
 PROMPTS = [[2, 5, 6, 7], [2, 9], [2, 3, 4, 5, 6, 7, 8], [2, 11, 12]]
 
@@ -159,17 +173,9 @@ def test_unsupported_model_is_named():
 def test_record_cli_from_a_local_model_directory(tmp_path, monkeypatch):
     """`python -m lynx_sim.traces record` on a saved tiny model with an offline word-level
     tokenizer, prompts as JSONL, offline mode on."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     from lynx_sim.traces.__main__ import main
 
-    model = build("qwen3_moe").float()
-    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<s>"] + [f"w{i}" for i in range(61)])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
-    model.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
+    save_tiny("qwen3_moe", tmp_path / "m")
     (tmp_path / "p.jsonl").write_text('{"prompt": "w1 w2 w3"}\n{"text": "w4 w5"}\n\n{"prompt": "w6"}\n')
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "t.safetensors"
