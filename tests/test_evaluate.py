@@ -11,17 +11,18 @@ pytest.importorskip("transformers", reason="transformers not installed")
 
 from test_record import PROMPTS, build  # noqa: E402
 
-from lynx_sim.evaluate.compare import _generate, _pad_left, compare  # noqa: E402
+from lynx_sim.evaluate.compare import _generate, compare  # noqa: E402
 from lynx_sim.evaluate.patch import PolicyPatch  # noqa: E402
 from lynx_sim.policies.static_k import StaticK  # noqa: E402
 from lynx_sim.policies.vanilla import Vanilla  # noqa: E402
 from lynx_sim.routing import RouterSpec  # noqa: E402
+from lynx_sim.traces.record import pad_left  # noqa: E402
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
 def test_vanilla_through_the_patch_is_the_unpatched_model(family):
     model = build(family)
-    ids, mask = _pad_left(PROMPTS, 0)
+    ids, mask = pad_left(PROMPTS, 0)
     seq, logits = _generate(model, ids, mask, 0, 5)
     E = model.config.num_local_experts if hasattr(model.config, "num_local_experts") else model.config.num_experts
     with PolicyPatch(model, Vanilla(RouterSpec(E, 2))) as p:

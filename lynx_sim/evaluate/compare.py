@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..traces.record import generated_length, pad_left
 from .patch import PolicyPatch
 
 
@@ -33,29 +34,6 @@ class ForceTokens:
         forced = torch.full_like(scores, float("-inf"))
         tgt = self.targets[:, min(step, self.targets.shape[1] - 1)].to(scores.device)
         return forced.scatter_(1, tgt[:, None], 0.0)
-
-
-def _pad_left(batch: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    S = max(len(p) for p in batch)
-    ids = torch.full((len(batch), S), pad, dtype=torch.long)
-    mask = torch.zeros((len(batch), S), dtype=torch.long)
-    for j, p in enumerate(batch):
-        ids[j, S - len(p):] = torch.tensor(p)
-        mask[j, S - len(p):] = 1
-    return ids, mask
-
-
-def _lengths(gen: torch.Tensor, eos: set[int]) -> list[int]:
-    """Tokens each sequence really generated (through its first end-of-sequence token)."""
-    out = []
-    for row in gen.tolist():
-        n = len(row)
-        for t, tok in enumerate(row):
-            if tok in eos:
-                n = t + 1
-                break
-        out.append(n)
-    return out
 
 
 def _generate(model, ids, mask, pad, n, processor=None):
@@ -77,7 +55,7 @@ def compare(model, policy, prompts: list[list[int]], *, batch_size: int = 8, max
     first_div, kl_sum, top1_sum, steps = [], 0.0, 0, 0
     patches = []
     for i0 in range(0, len(prompts), batch_size):
-        ids, mask = _pad_left(prompts[i0:i0 + batch_size], pad)
+        ids, mask = pad_left(prompts[i0:i0 + batch_size], pad)
         gen_v, _ = _generate(model, ids, mask, pad, max_new_tokens)
         logits_v = _generate(model, ids, mask, pad, max_new_tokens, ForceTokens(gen_v, ids.shape[1]))[1]
         with PolicyPatch(model, policy) as p:
@@ -85,7 +63,8 @@ def compare(model, policy, prompts: list[list[int]], *, batch_size: int = 8, max
         with PolicyPatch(model, policy) as p_forced:
             logits_q = _generate(model, ids, mask, pad, max_new_tokens, ForceTokens(gen_v, ids.shape[1]))[1]
         patches += [p, p_forced]
-        len_v, len_q = _lengths(gen_v, eos), _lengths(gen_q, eos)
+        len_v = [generated_length(r, eos) for r in gen_v.tolist()]
+        len_q = [generated_length(r, eos) for r in gen_q.tolist()]
         for j in range(len(len_v)):
             n = len_v[j]
             a, b = gen_v[j, :n], gen_q[j, :min(n, len_q[j])]

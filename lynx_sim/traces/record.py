@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .format import TraceMeta
-from .writer import TraceArrays, TraceWriter
+from .writer import TraceArrays, TraceWriter, concat_arrays
 
 ROUTER_CLASS = re.compile(r"Top[Kk]Router$")
 LAYER = re.compile(r"layers\.(\d+)\.")
@@ -111,6 +111,25 @@ def eos_ids(model) -> set[int]:
     return set() if e is None else {int(x) for x in (e if isinstance(e, (list, tuple)) else [e])}
 
 
+def pad_left(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask [b, S], prompts left padded (every last token aligned)."""
+    S = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), S), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), S), dtype=torch.long)
+    for j, p in enumerate(prompts):
+        ids[j, S - len(p):] = torch.tensor(p)
+        mask[j, S - len(p):] = 1
+    return ids, mask
+
+
+def generated_length(tokens: list[int], eos: set[int]) -> int:
+    """Tokens a sequence really generated: through its first end-of-sequence token."""
+    for t, tok in enumerate(tokens):
+        if tok in eos:
+            return t + 1
+    return len(tokens)
+
+
 def assemble(tap: RouterTap, attention_mask: torch.Tensor, generated: torch.Tensor, eos: set[int], meta: TraceMeta,
              first_request: int) -> TraceArrays:
     """One generate() call's routing -> the requests' rows. attention_mask [b, S] of the (left
@@ -123,12 +142,7 @@ def assemble(tap: RouterTap, attention_mask: torch.Tensor, generated: torch.Tens
     for j in range(b):
         prompt = torch.nonzero(attention_mask[j]).flatten()
         P = int(prompt.numel())
-        gen = generated[j].tolist()
-        n = len(gen)
-        for t, tok in enumerate(gen):
-            if tok in eos:
-                n = t + 1
-                break
+        n = generated_length(generated[j].tolist(), eos)
         steps = min(n - 1, n_calls - 1)  # new tokens the model processed: all but the last one it produced
         rows = [(0, j * S + int(s)) for s in prompt] + [(c, j) for c in range(1, steps + 1)]
         for c_idx, name in ((2, "ids"), (1, "weights"), (0, "logits")):
@@ -166,12 +180,8 @@ def record(model, prompts: list[list[int]], out: str | Path, *, name: str, batch
         task = bar.add_task("recording", total=len(prompts))
         for i0 in range(0, len(prompts), batch_size):
             batch = prompts[i0:i0 + batch_size]
-            S = max(len(p) for p in batch)
-            ids = torch.full((len(batch), S), pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), S), dtype=torch.long)
-            for j, p in enumerate(batch):  # left padding: the last prompt token of every row is aligned
-                ids[j, S - len(p):] = torch.tensor(p)
-                mask[j, S - len(p):] = 1
+            ids, mask = pad_left(batch, pad_token_id)
+            S = ids.shape[1]
             with RouterTap(model) as tap, torch.no_grad():
                 out_ids = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
                                          do_sample=do_sample, temperature=temperature if do_sample else None,
@@ -179,18 +189,12 @@ def record(model, prompts: list[list[int]], out: str | Path, *, name: str, batch
             part.append(assemble(tap, mask, out_ids[:, S:].cpu(), eos, meta, i0))
             rows += part[-1].num_tokens
             if rows >= chunk_tokens:
-                writer.append(_concat(part))
+                writer.append(concat_arrays(part))
                 part, rows = [], 0
             bar.advance(task, len(batch))
         if part:
-            writer.append(_concat(part))
+            writer.append(concat_arrays(part))
     return Path(out)
-
-
-def _concat(parts: list[TraceArrays]) -> TraceArrays:
-    cat = lambda n: np.concatenate([getattr(a, n) for a in parts])  # noqa: E731
-    return TraceArrays(meta=parts[0].meta, request_id=cat("request_id"), position=cat("position"), phase=cat("phase"),
-                       ids=cat("ids"), weights=cat("weights"), logits=cat("logits"))
 
 
 def read_prompts(path: str | Path) -> list[str]:

@@ -61,7 +61,7 @@ from scipy.signal import lfilter
 from ..model import ModelSpec
 from ..routing import route
 from .format import PHASE_DECODE, PHASE_PREFILL, TraceMeta
-from .writer import TraceArrays
+from .writer import TraceArrays, concat_arrays
 
 _DIST_KEYS = {"uniform": ("min", "max"), "lognormal": ("median", "sigma", "min", "max")}
 
@@ -239,8 +239,7 @@ class SyntheticTrace:
 
 def concat(parts: list[TraceArrays], logits: bool = True) -> TraceArrays:
     """Concatenate requests of one generator (same meta) into one TraceArrays."""
-    if not parts:
-        raise ValueError("concat: no requests")
-    cat = lambda name: np.concatenate([getattr(a, name) for a in parts])  # noqa: E731
-    return TraceArrays(meta=parts[0].meta, request_id=cat("request_id"), position=cat("position"), phase=cat("phase"),
-                       ids=cat("ids"), weights=cat("weights"), logits=cat("logits") if logits else None)
+    out = concat_arrays(parts)
+    if not logits:
+        out.logits = None
+    return out

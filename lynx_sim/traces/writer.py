@@ -45,6 +45,19 @@ class TraceArrays:
         return int(self.ids.shape[0])
 
 
+def concat_arrays(parts: list[TraceArrays]) -> TraceArrays:
+    """Requests of one meta, concatenated (optional fields kept where every part has them)."""
+    if not parts:
+        raise ValueError("concat: no requests")
+
+    def cat(name):
+        cols = [getattr(a, name) for a in parts]
+        return None if any(c is None for c in cols) else np.concatenate(cols)
+
+    return TraceArrays(meta=parts[0].meta, request_id=cat("request_id"), position=cat("position"), phase=cat("phase"),
+                       ids=cat("ids"), weights=cat("weights"), logits=cat("logits"), arrival_s=cat("arrival_s"))
+
+
 def stored_tensors(arrays: TraceArrays, float_dtype: str = "float16") -> dict[str, torch.Tensor]:
     """The tensors of `arrays` in their on-disk dtypes (ids int16 when E fits, floats as asked)."""
     if float_dtype not in FLOAT_DTYPES:
