@@ -17,7 +17,7 @@ from .run import run
 def main(cfg) -> None:
     try:
         s = run(cfg, HydraConfig.get().runtime.output_dir)
-    except NoGPUError as e:
+    except (NoGPUError, ValueError) as e:
         print(e, file=sys.stderr)
         sys.exit(2)
     err = s["simulator_error"]

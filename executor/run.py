@@ -45,6 +45,7 @@ def _lynx_on_kernels(policy, model) -> bool:
 def run(cfg, out_dir: str | Path) -> dict:
     t0 = time.perf_counter()
     ex = cfg.executor
+    _check(ex)
     dev = choose(str(ex.device))
     import torch
 
@@ -132,6 +133,18 @@ def run(cfg, out_dir: str | Path) -> dict:
     summary["wall_s"] = round(time.perf_counter() - t0, 3)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     return summary
+
+
+def _check(ex) -> None:
+    """The executor's settings, named when wrong (before a GPU minute is spent)."""
+    if str(ex.dtype) not in ("bfloat16", "float16"):
+        raise ValueError(f"executor.dtype: expected bfloat16 or float16 (the kernels' dtypes), found {ex.dtype!r}")
+    for key, low in (("steps", 1), ("repeats", 1), ("warmup", 0), ("cpu_hidden", 1), ("cpu_intermediate", 1)):
+        v = ex[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise ValueError(f"executor.{key}: expected an integer >= {low}, found {v!r}")
+    if ex.layers is not None and (not isinstance(ex.layers, int) or ex.layers < 1):
+        raise ValueError(f"executor.layers: expected null (all) or an integer >= 1, found {ex.layers!r}")
 
 
 def _summary(cfg, dev, model, policy, table, H, I, copies, layers, mismatches, check_err, on_kernels) -> dict:

@@ -40,6 +40,13 @@ def test_without_a_gpu_the_executor_refuses(monkeypatch):
     assert out.returncode == 2 and "no CUDA GPU" in out.stderr
 
 
+@pytest.mark.parametrize("override,key", [("executor.dtype=float32", "executor.dtype"), ("executor.steps=0", "executor.steps"),
+                                          ("executor.layers=0", "executor.layers"), ("executor.repeats=1.5", "executor.repeats")])
+def test_bad_executor_settings_are_named(tmp_path, override, key):
+    with pytest.raises(ValueError, match=key):
+        run(compose_cfg([*BASE, "executor.device=cpu", override]), tmp_path)
+
+
 def test_cpu_mode_replays_the_simulators_batches(tmp_path):
     steps = 2
     cfg = compose_cfg([*BASE, "executor.device=cpu", f"executor.steps={steps}", f"workload.steps={steps}"])
