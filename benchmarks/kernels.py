@@ -7,7 +7,8 @@ synthetic trace (realistic distinct-expert counts):
 - ours: kernels.fused_moe, CUDA-graph replays, weight copies rotated against L2, median;
 - torch loop: a plain per-expert loop in bf16 (kernels.reference, eager: it syncs on the host);
 - torch._grouped_mm where the installed torch has it: the same two grouped GEMMs on the same
-  expert-sorted inputs (a sort and a scatter around them, not timed separately);
+  expert-sorted inputs (a sort and a scatter around them, timed with them), CUDA-graph replays
+  like ours (eager only if capture fails; `grouped_mm_timing` says which);
 - the HBM roofline of the distinct experts' bytes at the datasheet bandwidth: fraction reached.
 Prefill at 2k-8k tokens against the dense bf16 peak. Lynx routing (kernels/lynx_routing.py, one
 layer) as a fraction of the MoE layer it selects for, at B = 16, 64, 256.
@@ -15,8 +16,8 @@ Targets (kernels issue): decode at B = 16-64 at >= 85% of the roofline; ours at 
 torch._grouped_mm; Lynx routing <= 3% of the MoE layer at B = 64.
 
 `--tune` first times candidate launch configurations per shape and decode batch and writes the
-fastest per bucket of pairs per expert to kernels/tuned/<device>_bfloat16_H<H>_I<I>.json, the
-table kernels/configs.py reads (then the benchmark runs with it).
+fastest per (tokens, distinct experts) bucket to kernels/tuned/<device>_bfloat16_E<E>_k<k>_H<H>_I<I>.json,
+the table kernels/configs.py reads (then the benchmark runs with it).
 
 Usage: python benchmarks/kernels.py [--repeats 50] [--datasheet-gbps 3350 --datasheet-tflops 989.4] [--tune] [--cpu]
 Prints tables and writes benchmarks/results/kernels_<device>.json.
@@ -68,7 +69,8 @@ def grouped_mm_moe(x, w1, w2, ids, w):
     E, I = w1.shape[0], w2.shape[2]
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    offs = torch.cumsum(torch.bincount(flat, minlength=E), 0).to(torch.int32)
+    counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    offs = torch.cumsum(counts, 0).to(torch.int32)  # (not bincount: it syncs on the host, graphs cannot hold it)
     xs = x[order // k]
     gu = torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs)
     h = F.silu(gu[:, :I]) * gu[:, I:]
@@ -86,12 +88,12 @@ def candidates(limit: int | None = None):
 
 
 def tune(dev, shapes: dict, batches, reps: int, warm: int, limit: int | None, out_dir: Path | None) -> list[Path]:
-    """Fastest candidate per (shape, bucket of pairs per expert); one JSON table per shape."""
+    """Fastest candidate per (shape, tokens bucket, distinct-experts bucket); one JSON table per shape."""
     import torch
 
     from executor.timing import median_time_s
     from executor.weights import copies_needed, make_layers
-    from kernels import fused_moe
+    from kernels import LayerShape, fused_moe
     from kernels.configs import bucket, table_path
     from triton.runtime.errors import OutOfResources
 
@@ -99,10 +101,10 @@ def tune(dev, shapes: dict, batches, reps: int, warm: int, limit: int | None, ou
     for name, (H, I, E, k) in shapes.items():
         layers = make_layers(E, H, I, max(batches), 1 if dev.interpreted else copies_needed(dev.l2_bytes, 6 * H * I),
                              torch.bfloat16, dev.kind, 0)
-        times: dict[int, dict[int, dict]] = {}  # bucket -> batch -> {config: seconds}
+        times: dict[tuple, dict[int, dict]] = {}  # (tokens bucket, distinct bucket) -> batch -> {config: seconds}
         for B in batches:
             ids, w = (t.to(dev.kind) for t in trace_ids(name, B))
-            b = bucket(B * k / int(torch.unique(ids).numel()))
+            key = (bucket(B), bucket(int(torch.unique(ids).numel())))
             for c in candidates(limit):
                 outs = [torch.empty(B, H, dtype=torch.bfloat16, device=dev.kind) for _ in layers]
                 try:
@@ -112,26 +114,27 @@ def tune(dev, shapes: dict, batches, reps: int, warm: int, limit: int | None, ou
                 except OutOfResources as e:  # tiles that need more shared memory than the GPU has
                     print(f"  {name} B={B} {c}: skipped ({e})", file=sys.stderr)
                     continue
-                times.setdefault(b, {}).setdefault(B, {})[c] = t
-        best: dict[int, tuple[float, object]] = {}
-        for b, per_batch in times.items():  # several batches share a bucket: rank configs by time relative
+                times.setdefault(key, {}).setdefault(B, {})[c] = t
+        best: dict[tuple, tuple[float, object]] = {}
+        for key, per_batch in times.items():  # batches sharing a key: rank configs by time relative
             common = set.intersection(*(set(ts) for ts in per_batch.values()))  # to each batch's own best
             if common:
                 score = {c: statistics.mean(ts[c] / min(ts.values()) for ts in per_batch.values()) for c in common}
                 c = min(score, key=score.get)
-                best[b] = (statistics.median(ts[c] for ts in per_batch.values()), c)
+                best[key] = (statistics.median(ts[c] for ts in per_batch.values()), c)
         if not best:
             print(f"tuning {name}: no candidate ran; no table written", file=sys.stderr)
             continue
-        path = table_path(dev.name, "bfloat16", H, I)
+        path = table_path(dev.name, "bfloat16", LayerShape(E, k, H, I))
         if out_dir is not None:
             path = out_dir / path.name
         path.parent.mkdir(parents=True, exist_ok=True)
+        entries = [{"tokens": t, "distinct": d, "config": c.as_dict(), "median_us": us * 1e6}
+                   for (t, d), (us, c) in sorted(best.items())]
         path.write_text(json.dumps({"device": dev.name, "date": date.today().isoformat(), "shape": name,
-                                    "configs": {str(b): c.as_dict() for b, (_, c) in sorted(best.items())},
-                                    "median_us": {str(b): t * 1e6 for b, (t, _) in sorted(best.items())}}, indent=2) + "\n")
+                                    "E": E, "k": k, "H": H, "I": I, "entries": entries}, indent=2) + "\n")
         written.append(path)
-        print(f"tuned {name}: {len(best)} buckets -> {path}")
+        print(f"tuned {name}: {len(best)} (tokens, distinct experts) buckets -> {path}")
     return written
 
 
@@ -156,7 +159,7 @@ def main(argv=None) -> int:
     from executor.device import choose, versions
     from executor.timing import median_time_s
     from executor.weights import copies_needed, make_layers
-    from kernels import fused_moe, moe_reference, select_config
+    from kernels import LayerShape, fused_moe, moe_reference, select_config
     from kernels.lynx_routing import lynx_route
     from lynx_sim.config import compose
 
@@ -181,23 +184,27 @@ def main(argv=None) -> int:
         for B in (DECODE[:2] if a.cpu else DECODE):
             ids, w = (t.to(d) for t in trace_ids(name, B))
             distinct = int(torch.unique(ids).numel())
-            cfg = select_config(B * k, distinct, H, I, "" if a.cpu else dev.name)
+            cfg = select_config(B, distinct, LayerShape(E, k, H, I), "" if a.cpu else dev.name)
             outs = [torch.empty(B, H, dtype=torch.bfloat16, device=d) for _ in layers]
             ours = median_time_s([lambda L=L, o=o, ws={}: fused_moe(L.x[:B], L.w1, L.w2, ids, w, config=cfg, out=o, workspace=ws)
                                   for L, o in zip(layers, outs)], reps, warm, d)
             loop = median_time_s([lambda L=L: moe_reference(L.x[:B], L.w1, L.w2, ids, w, dtype=None) for L in layers],
                                  reps, warm, d, use_graphs=False)
-            grouped = None
-            if has_grouped:
-                try:
-                    grouped = median_time_s([lambda L=L: grouped_mm_moe(L.x[:B], L.w1, L.w2, ids, w) for L in layers],
-                                            reps, warm, d, use_graphs=False)
-                except RuntimeError as e:
-                    grouped = f"failed: {str(e).splitlines()[0][:120]}"
+            grouped, grouped_timing = None, None
+            if has_grouped:  # CUDA graphs like ours, so launch overhead favours neither; eager if capture fails
+                for grouped_timing in ("cuda_graph", "eager"):
+                    try:
+                        grouped = median_time_s([lambda L=L: grouped_mm_moe(L.x[:B], L.w1, L.w2, ids, w) for L in layers],
+                                                reps, warm, d, use_graphs=grouped_timing == "cuda_graph")
+                        break
+                    except RuntimeError as e:
+                        grouped = f"failed: {str(e).splitlines()[0][:120]}"
+                grouped_timing = "cpu_check" if a.cpu else grouped_timing
             roof = distinct * expert_bytes / peak_Bps
             decode_rows.append({"shape": name, "batch": B, "distinct": distinct, "block_m": cfg.block_m,
                                 "ours_us": ours * 1e6, "torch_loop_us": loop * 1e6,
                                 "grouped_mm_us": grouped * 1e6 if isinstance(grouped, float) else grouped,
+                                "grouped_mm_timing": grouped_timing,
                                 "roofline_us": roof * 1e6, "roofline_fraction": roof / ours,
                                 "vs_grouped_mm": grouped / ours if isinstance(grouped, float) else None})
             if B in (16, 64, 256) or a.cpu:  # Lynx routing of one layer against the layer it feeds
@@ -213,7 +220,7 @@ def main(argv=None) -> int:
                 ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(d)
                 w = torch.rand(T, k, generator=g).to(d)
                 x = torch.randn(T, H, device=d).to(torch.bfloat16)
-                cfg = select_config(T * k, E, H, I, dev.name)
+                cfg = select_config(T, E, LayerShape(E, k, H, I), dev.name)
                 o = torch.empty(T, H, dtype=torch.bfloat16, device=d)
                 t = median_time_s([lambda L0=layers[0]: fused_moe(x, L0.w1, L0.w2, ids, w, config=cfg, out=o, workspace={})],
                                   max(reps // 5, 5), 2, d)

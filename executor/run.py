@@ -49,7 +49,7 @@ def run(cfg, out_dir: str | Path) -> dict:
     dev = choose(str(ex.device))
     import torch
 
-    from kernels import align_block_size, fused_moe, moe_reference, select_config
+    from kernels import LayerShape, align_block_size, fused_moe, moe_reference, select_config
     from kernels.lynx_routing import lynx_route
 
     out_dir = Path(out_dir)
@@ -102,7 +102,8 @@ def run(cfg, out_dir: str | Path) -> dict:
                 w_l = w_l.float().contiguous()
                 counts = torch.bincount(ids_l[ids_l >= 0].flatten().cpu(), minlength=E).numpy()
                 distinct = int(np.count_nonzero(counts))
-                conf = select_config(int(counts.sum()), distinct, H, I, dev.name if not cpu else "", str(ex.dtype))
+                conf = select_config(B, distinct, LayerShape(E, k, H, I), dev.name if not cpu else "", str(ex.dtype),
+                                     pairs=int(counts.sum()))
                 ws, out = {}, torch.empty(B, H, dtype=dtype, device=dev.kind)
                 fns = [lambda w=w, ws=ws: fused_moe(w.x, w.w1, w.w2, ids_l, w_l, config=conf, out=out, workspace=ws)
                        for w in weights]

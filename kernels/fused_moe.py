@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .align import Alignment, align_block_size
-from .configs import MoEConfig, select_config
+from .configs import LayerShape, MoEConfig, select_config
 
 DTYPES = (torch.bfloat16, torch.float16)
 
@@ -131,7 +131,7 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_ids: tor
     if config is None:
         live = topk_ids[topk_ids >= 0]
         distinct = int(torch.unique(live).numel()) if live.numel() else 1
-        config = select_config(P, distinct, H, I)
+        config = select_config(T, distinct, LayerShape(E, k, H, I), pairs=int(live.numel()))
     al = alignment or align_block_size(topk_ids, E, config.block_m)
     if al.block_m != config.block_m:
         raise ValueError(f"fused_moe: alignment block_m {al.block_m} != config block_m {config.block_m}")

@@ -18,7 +18,7 @@ import torch
 
 from kernels import MoEConfig, align_block_size, fused_moe, moe_reference
 from kernels.align import max_rows
-from kernels.configs import bucket, heuristic, load_table, select_config, table_path
+from kernels.configs import LayerShape, bucket, heuristic, load_table, select_config, table_path
 
 DEVICE = "cuda" if os.environ.get("LYNX_KERNELS_ON_GPU") == "1" else "cpu"
 TOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}  # of the output's largest magnitude
@@ -163,19 +163,33 @@ def test_bad_inputs_are_named():
 
 
 def test_config_table(tmp_path, monkeypatch):
-    assert [bucket(x) for x in (0.5, 1, 3, 16, 17, 10**6)] == [1, 1, 4, 16, 32, 4096]
+    """Tuned tables are keyed on (tokens, distinct experts): the nearest entry within one power
+    of two on both axes; the heuristic elsewhere; bad files named with the entry at fault."""
+    assert [bucket(x) for x in (0.5, 1, 3, 16, 17, 10**6)] == [1, 1, 4, 16, 32, 65536]
     assert heuristic(2).block_m == 16 and heuristic(500).block_m == 128
     monkeypatch.setattr("kernels.configs.TABLE_DIR", tmp_path)
-    path = table_path("NVIDIA H100 80GB HBM3", "bfloat16", 4096, 14336)
-    path.write_text(json.dumps({"configs": {"4": MoEConfig(16, 128, 64, 4, 5).as_dict(),
-                                            "256": MoEConfig(64, 64, 64, 8, 3).as_dict()}}))
-    assert select_config(64, 8, 4096, 14336, "NVIDIA H100 80GB HBM3").block_n == 128  # 8 per expert -> bucket 4
-    assert select_config(64 * 40, 8, 4096, 14336, "NVIDIA H100 80GB HBM3").block_m == 64
-    assert select_config(8192 * 8, 8, 4096, 14336, "NVIDIA H100 80GB HBM3") == heuristic(8192)  # far from the table
-    assert select_config(64, 8, 4096, 14336, "other GPU") == heuristic(8)
-    path.write_text("{not json")
-    with pytest.raises(ValueError, match="not a tuned MoE config table"):
-        load_table(path)
+    dev, shape = "NVIDIA H100 80GB HBM3", LayerShape(8, 2, 4096, 14336)
+    path = table_path(dev, "bfloat16", shape)
+    a, b, c = MoEConfig(16, 128, 64, 4, 5), MoEConfig(16, 64, 64, 8, 3), MoEConfig(64, 64, 64, 8, 3)
+    path.write_text(json.dumps({"entries": [{"tokens": 16, "distinct": 8, "config": a.as_dict()},
+                                            {"tokens": 16, "distinct": 2, "config": b.as_dict()},
+                                            {"tokens": 256, "distinct": 8, "config": c.as_dict()}]}))
+    assert select_config(16, 8, shape, dev) == a
+    assert select_config(16, 2, shape, dev) == b  # same tokens, fewer experts: another entry
+    assert select_config(12, 7, shape, dev) == a  # buckets (16, 8)
+    assert select_config(32, 3, shape, dev) == b  # one bucket away on both axes: nearest by sum
+    assert select_config(300, 8, shape, dev) == c
+    assert select_config(8192, 8, shape, dev) == heuristic(8192 * 2 / 8)  # prefill: far from every entry
+    assert select_config(64, 8, shape, dev) == heuristic(16)  # two buckets from both 16 and 256
+    assert select_config(16, 8, shape, "other GPU") == heuristic(4)
+    assert select_config(16, 8, LayerShape(8, 1, 4096, 14336), dev) == heuristic(2)  # another shape: no table
+    assert select_config(16, 8, shape, "", pairs=20) == heuristic(20 / 8)  # dropped slots: live pairs
+    for bad, msg in (("{not json", "not a tuned MoE config table"), ('{"entries": []}', "no 'entries'"),
+                     ('{"entries": [{"tokens": 12, "distinct": 8, "config": {}}]}', r"entries\[0\]: tokens and distinct"),
+                     ('{"entries": [{"tokens": 16, "distinct": 8, "config": {"block_m": 16}}]}', r"entries\[0\]: config")):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match=msg):
+            load_table(path)
 
 
 def test_kernel_benchmark_script_runs(tmp_path):
@@ -194,7 +208,8 @@ def test_kernel_benchmark_script_runs(tmp_path):
     assert data["interpreted"] and len(data["decode"]) == 6 and len(data["lynx_routing"]) == 6
     assert all(row["ours_us"] > 0 and row["distinct"] >= 1 for row in data["decode"])
     if hasattr(torch, "_grouped_mm"):
-        assert all(isinstance(row["grouped_mm_us"], float) for row in data["decode"])
+        assert all(isinstance(row["grouped_mm_us"], float) and row["grouped_mm_timing"] == "cpu_check"
+                   for row in data["decode"])
 
 
 def test_tuning_writes_a_table_the_kernels_read(tmp_path):
@@ -208,6 +223,8 @@ def test_tuning_writes_a_table_the_kernels_read(tmp_path):
     r = subprocess.run([sys.executable, "benchmarks/kernels.py", "--cpu", "--tune", "--candidates", "2",
                         "--tune-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    (path,) = tmp_path.glob("*.json")
-    table = load_table(path)
-    assert table and all(isinstance(c, MoEConfig) for c in table.values())
+    paths = sorted(tmp_path.glob("*.json"))
+    assert [p.name.split("_E")[1] for p in paths] == ["128_k8_H64_I32.json", "64_k6_H64_I32.json", "8_k2_H64_I32.json"]
+    for path in paths:  # one per shape (E, k differ), keyed by the two decode batches of the check mode
+        table = load_table(path)
+        assert {t for t, _ in table} == {1, 2} and all(isinstance(c, MoEConfig) for c in table.values())
