@@ -139,3 +139,23 @@ def test_router_kinds_and_missing_inputs(name, c):
     assert kept.any(-1).all() and (sel.ids < E).all()
     if sel.weights is not None:
         assert torch.isfinite(sel.weights).all() and (sel.weights >= 0).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+@settings(max_examples=15, deadline=None)
+@given(c=shapes)
+def test_layer_by_layer_equals_the_whole_batch(name, c):
+    """The closed loop runs one layer at a time (`at_layer`): each layer's answer must equal that
+    layer of the answer for all layers at once, calibrated per-layer state included."""
+    spec, batch = make(c)
+    pol = build(name, spec, c["L"], c["seed"])
+    whole = pol.select(batch)
+    for l in range(c["L"]):
+        one = pol.at_layer(l).select(BatchRouting(batch.ids[l:l + 1], batch.weights[l:l + 1], batch.logits[l:l + 1]))
+        assert torch.equal(one.ids[0], whole.ids[l]), f"layer {l}"
+        torch.testing.assert_close(one.weights[0], whole.weights[l], rtol=0, atol=1e-6)
+    if pol.layer_state:
+        from lynx_sim.policies.base import PolicyInputError
+
+        with pytest.raises(PolicyInputError, match=f"layer: expected an MoE layer index in 0..{c['L'] - 1}"):
+            pol.at_layer(c["L"])

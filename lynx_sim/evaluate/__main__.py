@@ -4,6 +4,9 @@ a policy inside a Hugging Face MoE model against the model's own routing (compar
 Policy parameters come from conf/policy/<name>.yaml, with the model-dependent defaults (Lynx's
 alpha and beta) of the conf/model/ entry of the same family (`--conf-model`, guessed from the
 model type); `--set key=value` overrides any of them. The router's shape comes from the model.
+Rules that learn per-layer statistics (prune, sere, layer_k) take them from `--calib-trace` (a
+trace recorded from the same model) or record the model's own routing on `--calib-prompts`
+(default: the evaluation prompts, reported as in-sample). Output keys: docs/evaluate.md.
 """
 
 from __future__ import annotations
@@ -18,9 +21,25 @@ CONF_MODEL = {"mixtral": "mixtral_8x7b", "qwen2_moe": "qwen2_57b_a14b", "qwen3_m
               "olmoe": "olmoe_1b_7b", "deepseek_v3": "deepseek_v3", "gpt_oss": "gpt_oss_120b"}
 
 
-def build_policy_for(model, name: str, conf_model: str | None = None, sets: list[str] = ()):
-    """A registry policy for a transformers model: router shape from the model, parameters from conf/."""
+def expert_bytes(model) -> int:
+    """Bytes of one routed expert of a transformers MoE model (its experts module's parameters / E)."""
+    from ..traces.record import meta_for
+
+    E = meta_for(model, "model").num_experts
+    for _, mod in model.named_modules():
+        if type(mod).__name__.endswith("Experts"):
+            return sum(p.numel() * p.element_size() for p in mod.parameters()) // E
+    raise ValueError(f"{type(model).__name__}: no experts module (*Experts) found")
+
+
+def build_policy_for(model, name: str, conf_model: str | None = None, sets: list[str] = (), calib=None,
+                     hardware: str = "h100_sxm"):
+    """A registry policy for a transformers model: router shape from the model, parameters from
+    conf/, the cost of one more expert (for cost-aware rules such as oracle) from this model's
+    expert bytes at the MoE bandwidth of conf/hardware/<hardware>, per-layer statistics from
+    `calib` (a Calibration: calibrate.py) for rules that learn them."""
     from ..config import compose
+    from ..cost.hardware import HardwareSpec
     from ..policies import build_policy
     from ..routing import RouterSpec
     from ..traces.record import meta_for
@@ -29,12 +48,18 @@ def build_policy_for(model, name: str, conf_model: str | None = None, sets: list
     conf_model = conf_model or CONF_MODEL.get(model.config.model_type)
     if conf_model is None:
         raise ValueError(f"--conf-model: no default for model_type {model.config.model_type!r}; name a conf/model entry")
-    cfg = compose([f"model={conf_model}", f"policy={name}", *[f"policy.{kv}" for kv in sets]])
+    cfg = compose([f"model={conf_model}", f"policy={name}", f"hardware={hardware}", *[f"policy.{kv}" for kv in sets]])
     spec = RouterSpec(meta.num_experts, meta.top_k, meta.router, meta.renormalize, meta.n_group, meta.topk_group)
-    policy = build_policy(cfg.policy, SimpleNamespace(router=spec))
+    expert_time_s = expert_bytes(model) / HardwareSpec.from_cfg(cfg.hardware).moe_bandwidth_Bps
+    policy = build_policy(cfg.policy, SimpleNamespace(router=spec), expert_time_s=expert_time_s)
     if policy.needs_calibration:
-        raise ValueError(f"policy '{name}' learns per-layer statistics from a trace; the closed loop does not feed "
-                         f"them yet (use a rule without calibration)")
+        if calib is None:
+            raise ValueError(f"policy '{name}' learns per-layer statistics: give it calibration routing "
+                             f"(--calib-trace or --calib-prompts)")
+        if calib.num_layers != meta.num_layers:
+            raise ValueError(f"calibration: expected routing of {meta.num_layers} MoE layers (the model's), "
+                             f"found {calib.num_layers}")
+        policy.prepare(calib)
     return policy
 
 
@@ -53,23 +78,42 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ap.add_argument("--hardware", default="h100_sxm", help="conf/hardware entry pricing one expert (cost-aware rules)")
+    ap.add_argument("--calib-trace", help="calibrated rules: a trace recorded from this model")
+    ap.add_argument("--calib-prompts", help="calibrated rules: prompts to record the model's own routing on "
+                                            "(default: --prompts, which makes the statistics in-sample)")
+    ap.add_argument("--calib-tokens", type=int, default=4096, help="decode tokens of calibration routing")
     ap.add_argument("--out", help="write the results as JSON here")
     a = ap.parse_args(argv)
+    from ..policies import POLICIES
     from ..traces.record import eos_ids, load_model, read_prompts, tokenize
+    from . import calibrate
     from .compare import compare
 
     try:
         prompts = read_prompts(a.prompts)[: a.limit] if a.limit else read_prompts(a.prompts)
         model, tok = load_model(a.model, a.device, a.dtype)
-        policy = build_policy_for(model, a.policy, a.conf_model, a.set)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        calib, calib_info = None, None
+        if a.policy in POLICIES and POLICIES[a.policy].needs_calibration:
+            if a.calib_trace:
+                calib = calibrate.from_trace(a.calib_trace, model, a.calib_tokens)
+                calib_info = {"source": f"trace:{a.calib_trace}", "in_sample": None}
+            else:
+                src = a.calib_prompts or a.prompts
+                calib = calibrate.from_model(model, tokenize(tok, read_prompts(src), a.chat), batch_size=a.batch_size,
+                                             max_new_tokens=a.max_new_tokens, pad=pad, eos=eos_ids(model),
+                                             held_out=a.calib_prompts is not None, max_tokens=a.calib_tokens)
+                calib_info = {"source": f"prompts:{src}", "in_sample": a.calib_prompts is None}
+            calib_info["tokens"] = int(calib.ids.shape[0])
+        policy = build_policy_for(model, a.policy, a.conf_model, a.set, calib, a.hardware)
         text = tok(Path(a.text).read_text(encoding="utf-8"))["input_ids"] if a.text else None
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     res = compare(model, policy, tokenize(tok, prompts, a.chat), batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
                   pad=pad, eos=eos_ids(model), text=text)
-    res.update({"model": a.model, "policy_params": policy.params()})
+    res.update({"model": a.model, "policy_params": policy.params(), "calibration": calib_info})
     print(json.dumps(res, indent=2))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=2) + "\n")

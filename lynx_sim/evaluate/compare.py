@@ -6,8 +6,10 @@ For batches of prompts (left padded, so batch-aware rules see real decode batche
 - teacher-forced along vanilla's tokens, in decode steps (generate() with the next token forced,
   raw logits kept): KL(vanilla || policy) of the next-token distributions and top-1 agreement;
 - perplexity of a text under both (its tokens forced one decode step at a time);
-- from the patched runs' decode steps: distinct experts per layer (policy and vanilla) and the
-  fidelity measures of the policies issue.
+- from the patched runs' decode steps: distinct experts per layer (policy and vanilla) over the
+  sequences still running (patch.py), their mean count, and the fidelity measures of the
+  policies issue.
+The keys of the result are documented in docs/evaluate.md.
 """
 
 from __future__ import annotations
@@ -58,9 +60,9 @@ def compare(model, policy, prompts: list[list[int]], *, batch_size: int = 8, max
         ids, mask = pad_left(prompts[i0:i0 + batch_size], pad)
         gen_v, _ = _generate(model, ids, mask, pad, max_new_tokens)
         logits_v = _generate(model, ids, mask, pad, max_new_tokens, ForceTokens(gen_v, ids.shape[1]))[1]
-        with PolicyPatch(model, policy) as p:
+        with PolicyPatch(model, policy, eos) as p:
             gen_q, _ = _generate(model, ids, mask, pad, max_new_tokens)
-        with PolicyPatch(model, policy) as p_forced:
+        with PolicyPatch(model, policy, eos) as p_forced:
             logits_q = _generate(model, ids, mask, pad, max_new_tokens, ForceTokens(gen_v, ids.shape[1]))[1]
         patches += [p, p_forced]
         len_v = [generated_length(r, eos) for r in gen_v.tolist()]
@@ -120,6 +122,8 @@ def _routing_stats(patches: list[PolicyPatch]) -> dict:
     for m in PolicyPatch.MEASURES:
         vals = [v for p in patches for st in p.stats for v in st.fidelity[m]]
         fid[m] = float(np.nanmean(vals)) if vals and not np.all(np.isnan(vals)) else None
-    return {"distinct_experts_per_layer": {"policy": dist, "vanilla": vdist},
+    rows = [r for p in patches for r in p.stats[0].rows]
+    return {"decode_batch_rows_mean": float(np.mean(rows)) if rows else None,
+            "distinct_experts_per_layer": {"policy": dist, "vanilla": vdist},
             "distinct_experts": {"policy": float(np.nanmean(dist)), "vanilla": float(np.nanmean(vdist))},
             "fidelity": fid}

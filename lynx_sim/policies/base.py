@@ -12,6 +12,7 @@ unused slots with DROPPED (-1) and weight 0. Every token keeps at least one expe
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -88,6 +89,7 @@ class Policy(ABC):
     decode_only: ClassVar[bool] = False  # act only on batches made entirely of decode tokens
     needs_calibration: ClassVar[bool] = False  # learns from trace statistics in `prepare`
     neutral: ClassVar[dict] = {}  # parameters under which the rule must equal vanilla (tested)
+    layer_state: ClassVar[tuple[str, ...]] = ()  # attributes learned per MoE layer (dim 0), set by prepare
     overhead_us: float = 0.0  # the rule's own GPU time per MoE layer (set from its config by build_policy)
 
     def __init__(self, ctx: PolicyContext | RouterSpec):
@@ -102,6 +104,23 @@ class Policy(ABC):
     def prepare(self, calib) -> None:
         """Learn what the rule needs from calibration routing (a `Calibration`); default: nothing."""
         self.prepared = True
+
+    def at_layer(self, layer: int) -> "Policy":
+        """This policy for one MoE layer of a model run layer by layer (the closed loop, where a
+        router sees a batch of one layer): a rule with per-layer state (`layer_state`) returns a
+        shallow copy holding that layer's slice, so its batches are [1, B, ...]; others return self."""
+        if not self.layer_state:
+            return self
+        if not self.prepared:
+            raise PolicyInputError(f"policy '{self.name}' learns from trace statistics: call prepare(calibration) first")
+        L = int(getattr(self, self.layer_state[0]).shape[0])
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < L:
+            raise PolicyInputError(f"policy '{self.name}': layer: expected an MoE layer index in 0..{L - 1} "
+                                   f"(calibrated on {L} layers), found {layer!r}")
+        view = copy.copy(self)
+        for name in self.layer_state:
+            setattr(view, name, getattr(self, name)[layer:layer + 1])
+        return view
 
     def check_available(self, fields, where: str) -> None:
         """Fail before a run starts when its trace lacks what this policy reads."""

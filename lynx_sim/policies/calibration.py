@@ -54,6 +54,18 @@ class Calibration:
                 parts.append((a, rows))
                 total += rows.size
             r += 1
+        return cls._from_parts(parts, held_out, max_tokens)
+
+    @classmethod
+    def from_arrays(cls, arrays, held_out: bool, max_tokens: int = 4096) -> "Calibration":
+        """From routing in memory (TraceArrays, e.g. just recorded from a model): their decode
+        rows when any has some, else all rows."""
+        decode = any((a.phase == 1).any() for a in arrays)
+        parts = [(a, np.flatnonzero(a.phase == 1) if decode else np.arange(len(a.phase))) for a in arrays]
+        return cls._from_parts([(a, rows) for a, rows in parts if rows.size], held_out, max_tokens)
+
+    @classmethod
+    def _from_parts(cls, parts, held_out: bool, max_tokens: int) -> "Calibration":
         if not parts:
             raise ValueError("calibration: the trace has no tokens to learn from")
 

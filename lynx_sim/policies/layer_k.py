@@ -54,6 +54,7 @@ class LayerK(Policy):
     name = "layer_k"
     needs = ("ids", "weights")
     needs_calibration = True
+    layer_state = ("k_per_layer",)
     neutral = {"mean_k": 10**6}  # any mean_k >= the model's top-k: every layer keeps k
 
     def __init__(self, ctx: PolicyContext | RouterSpec, mean_k: float = 1.5, renormalize: bool = True):

@@ -78,6 +78,7 @@ class Prune(Policy):
     needs = ("ids",)  # logits re-route the affected tokens when present
     decode_only = False
     needs_calibration = True
+    layer_state = ("kept", "kept_list")
     neutral = {"keep_fraction": 1.0}
 
     def __init__(self, ctx: PolicyContext | RouterSpec, keep_fraction: float = 0.75, renormalize: bool = True):

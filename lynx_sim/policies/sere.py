@@ -78,6 +78,7 @@ class Sere(Policy):
     needs = ("ids",)  # weights (or logits) order a token's slots when present
     decode_only = True
     needs_calibration = True
+    layer_state = ("sim",)
     neutral = {"top_s": 10**9}
 
     def __init__(self, ctx: PolicyContext | RouterSpec, top_s: int = 1, rho: float = 0.0, renormalize: bool = True):

@@ -1,0 +1,49 @@
+"""Calibration routing for rules that learn per-layer statistics (prune, sere, layer_k) in the
+closed loop: from a trace recorded from the same model (`python -m lynx_sim.traces record`),
+or recorded here from the model's own routing (vanilla, greedy) on calibration prompts. As in
+the simulator (policies/calibration.py), decode tokens are used when there are any.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..policies.calibration import Calibration
+from ..traces.record import RouterTap, assemble, meta_for, pad_left
+
+
+def from_model(model, prompts: list[list[int]], *, batch_size: int, max_new_tokens: int, pad: int, eos: set[int],
+               held_out: bool, max_tokens: int = 4096) -> Calibration:
+    """Generate greedily from tokenised `prompts` with the model's own routing and learn from it."""
+    if not prompts:
+        raise ValueError("calibration: no calibration prompts")
+    meta = meta_for(model, "calibration")
+    dev = next(model.parameters()).device
+    arrays, decode_rows = [], 0
+    for i0 in range(0, len(prompts), batch_size):
+        ids, mask = pad_left(prompts[i0:i0 + batch_size], pad)
+        with RouterTap(model) as tap, torch.no_grad():
+            out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad, use_cache=True)
+        arrays.append(assemble(tap, mask, out[:, ids.shape[1]:].cpu(), eos, meta, i0))
+        decode_rows += int((arrays[-1].phase == 1).sum())
+        if decode_rows >= max_tokens:
+            break
+    return Calibration.from_arrays(arrays, held_out, max_tokens)
+
+
+def from_trace(path: str | Path, model, max_tokens: int = 4096) -> Calibration:
+    """A recorded trace of the same model: its router shape must be the model's."""
+    from ..traces.reader import open_trace
+    from ..traces.source import FileSource
+
+    trace = open_trace(path)
+    want = meta_for(model, "model")
+    for name in ("num_experts", "top_k", "num_layers", "router"):
+        have, exp = getattr(trace.meta, name), getattr(want, name)
+        if have != exp:
+            raise ValueError(f"{path}: calibration trace: {name}: expected {exp} (the model's), found {have} "
+                             f"(recorded from {trace.meta.model!r})")
+    return Calibration.from_source(FileSource(trace), max_tokens)
