@@ -62,7 +62,7 @@ def heuristic(pairs_per_expert: float) -> MoEConfig:
         return MoEConfig(32, 64, 64, 4, 4)
     if pairs_per_expert <= 256:
         return MoEConfig(64, 128, 64, 8, 3)
-    return MoEConfig(128, 64, 64, 8, 3)  # 128 x 128 spills registers on sm_90 (python -m kernels.aot)
+    return MoEConfig(128, 64, 64, 8, 3)  # 128 x 128 spills registers on sm_90 (python -m executor.aot)
 
 
 def table_path(device_name: str, dtype_name: str, shape: LayerShape) -> Path:

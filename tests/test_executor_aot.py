@@ -1,7 +1,7 @@
 """The GPU code path of every kernel compiles for an H100/H200 (sm_90) without a GPU: Triton's
 ahead-of-time compiler and its bundled ptxas build each launch the package makes (recorded under
 the interpreter), the GEMMs lower to tensor-core mma, and shared memory and registers fit with
-no spills (kernels/aot.py). The interpreter tests check values; this checks the compiler's half."""
+no spills (executor/aot.py). The interpreter tests check values; this checks the compiler's half."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _has_nvidia_toolchain() -> bool:
 def test_every_kernel_compiles_for_sm90_within_its_limits(tmp_path):
     out = tmp_path / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "kernels.aot", "--arch", "90", "--json", str(out)], cwd=ROOT, env=env,
+    r = subprocess.run([sys.executable, "-m", "executor.aot", "--arch", "90", "--json", str(out)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = json.loads(out.read_text())["launches"]

@@ -1,4 +1,4 @@
-"""Compile the Triton kernels for a GPU that is not here, exactly as they are launched.
+"""Compile the Triton kernels (kernels/) for a GPU that is not here, exactly as they are launched.
 
 The CPU interpreter (the tests' mode) checks what the kernels compute but never runs Triton's
 compiler. This does: representative calls of every kernel run once under the interpreter, which
@@ -8,7 +8,7 @@ H100 and H200), and cuobjdump reads the cubin's resources. It shows that the GPU
 lowers, that the GEMMs use tensor-core instructions, and that shared memory and registers fit
 with no spills to local memory. Speed still needs the GPU (benchmarks/kernels.py).
 
-    python -m kernels.aot [--arch 90] [--json OUT]     # exit 1 when a launch fails a check
+    python -m executor.aot [--arch 90] [--json OUT]     # exit 1 when a launch fails a check
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ def representative_calls() -> None:
     """Every kernel of the package at the shapes and launch configurations it is used with."""
     import torch
 
-    from .align import align_block_size
-    from .configs import heuristic
-    from .fused_moe import fused_moe
-    from .lynx_routing import lynx_route
+    from kernels.align import align_block_size
+    from kernels.configs import heuristic
+    from kernels.fused_moe import fused_moe
+    from kernels.lynx_routing import lynx_route
 
     g = torch.Generator().manual_seed(0)
     E, H, I, k, T = 8, 64, 32, 2, 4
@@ -59,7 +59,7 @@ def representative_calls() -> None:
 def capture() -> list[dict]:
     """Run `representative_calls` under the interpreter and return each distinct launch."""
     if os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("kernels.aot capture: run with TRITON_INTERPRET=1 (the launches are recorded there)")
+        raise RuntimeError("executor.aot capture: run with TRITON_INTERPRET=1 (the launches are recorded there)")
     import torch
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -87,7 +87,7 @@ def capture() -> list[dict]:
             elif isinstance(v, float):
                 args_out[n] = {"type": "fp32"}
             else:
-                raise TypeError(f"kernels.aot: {self.fn.__name__}.{n}: cannot type {type(v).__name__}")
+                raise TypeError(f"executor.aot: {self.fn.__name__}.{n}: cannot type {type(v).__name__}")
         launch = {"kernel": f"{self.fn.__module__}:{self.fn.__name__}", "args": args_out,
                   "options": {o: kwargs[o] for o in OPTIONS if o in kwargs}}
         key = json.dumps(launch, sort_keys=True)
@@ -154,7 +154,7 @@ def _source(fn) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m executor.aot", description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, choices=sorted(LIMITS), help="CUDA compute capability x 10")
     ap.add_argument("--json", type=Path, help="write the per-launch report here")
     ap.add_argument("--capture", type=Path, help=argparse.SUPPRESS)  # internal: the interpreter half
@@ -163,20 +163,20 @@ def main(argv: list[str] | None = None) -> int:
         a.capture.write_text(json.dumps(capture()))
         return 0
     if os.environ.get("TRITON_INTERPRET") == "1":
-        print("kernels.aot: unset TRITON_INTERPRET (the compiler half must see real Triton kernels)", file=sys.stderr)
+        print("executor.aot: unset TRITON_INTERPRET (the compiler half must see real Triton kernels)", file=sys.stderr)
         return 2
     try:
         from triton.backends.nvidia import compiler as nv
     except ImportError:
-        print("kernels.aot: this Triton has no NVIDIA backend", file=sys.stderr)
+        print("executor.aot: this Triton has no NVIDIA backend", file=sys.stderr)
         return 2
     if not (Path(nv.__file__).parent / "bin" / "ptxas").is_file():
-        print("kernels.aot: this Triton has no bundled ptxas", file=sys.stderr)
+        print("executor.aot: this Triton has no bundled ptxas", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "launches.json"
         env = {**os.environ, "TRITON_INTERPRET": "1"}
-        r = subprocess.run([sys.executable, "-m", "kernels.aot", "--capture", str(spec)], env=env,
+        r = subprocess.run([sys.executable, "-m", "executor.aot", "--capture", str(spec)], env=env,
                            capture_output=True, text=True)
         if r.returncode:
             print(r.stderr[-3000:], file=sys.stderr)
