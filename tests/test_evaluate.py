@@ -191,6 +191,10 @@ def test_harness_adapter_runs_lm_eval_tasks(tmp_path, monkeypatch):
     lynx = run("lynx", "--policy", "lynx")
     assert lynx["tiny_mc"] == plain["tiny_mc"]  # decode-only: log-likelihoods are one prefill forward
     assert main(["--policy", "prune", *common]) == 2  # a calibrated rule without calibration routing
+    (tmp_path / "calib.txt").write_text("w20 w21 w22\nw23 w24\nw25 w26 w27 w28\n")
+    pruned = run("prune", "--policy", "prune", "--set", "keep_fraction=0.25", "--calib-prompts",
+                 str(tmp_path / "calib.txt"))  # learns from the model's own routing; acts in prefill too
+    assert pruned["tiny_mc"] != plain["tiny_mc"]
 
 
 class Spy(Vanilla):

@@ -63,14 +63,24 @@ def build_policy_for(model, name: str, conf_model: str | None = None, sets: list
     return policy
 
 
+def add_policy_options(ap: argparse.ArgumentParser, calib_prompts_default: str) -> None:
+    """The options that choose and prepare the policy (shared with the lm-eval adapter)."""
+    ap.add_argument("--policy", default="lynx")
+    ap.add_argument("--conf-model", help="conf/model entry for the policy's model-dependent defaults")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a policy parameter")
+    ap.add_argument("--hardware", default="h100_sxm", help="conf/hardware entry pricing one expert (cost-aware rules)")
+    ap.add_argument("--calib-trace", help="calibrated rules: a trace recorded from this model")
+    ap.add_argument("--calib-prompts", help=f"calibrated rules: prompts to record the model's own routing on "
+                                            f"(default: {calib_prompts_default})")
+    ap.add_argument("--calib-tokens", type=int, default=4096, help="decode tokens of calibration routing")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lynx_sim.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="local model directory or hub id (HF_HUB_OFFLINE=1 stays offline)")
     ap.add_argument("--prompts", required=True, help="text file, one prompt per line, or .jsonl with 'prompt' or 'text'")
-    ap.add_argument("--policy", default="lynx")
-    ap.add_argument("--conf-model", help="conf/model entry for the policy's model-dependent defaults")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a policy parameter")
+    add_policy_options(ap, "--prompts, which makes the statistics in-sample")
     ap.add_argument("--text", help="a text file for perplexity")
     ap.add_argument("--limit", type=int)
     ap.add_argument("--chat", action="store_true")
@@ -78,34 +88,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    ap.add_argument("--hardware", default="h100_sxm", help="conf/hardware entry pricing one expert (cost-aware rules)")
-    ap.add_argument("--calib-trace", help="calibrated rules: a trace recorded from this model")
-    ap.add_argument("--calib-prompts", help="calibrated rules: prompts to record the model's own routing on "
-                                            "(default: --prompts, which makes the statistics in-sample)")
-    ap.add_argument("--calib-tokens", type=int, default=4096, help="decode tokens of calibration routing")
     ap.add_argument("--out", help="write the results as JSON here")
     a = ap.parse_args(argv)
-    from ..policies import POLICIES
     from ..traces.record import eos_ids, load_model, read_prompts, tokenize
-    from . import calibrate
+    from .calibrate import calibration_for
     from .compare import compare
 
     try:
         prompts = read_prompts(a.prompts)[: a.limit] if a.limit else read_prompts(a.prompts)
         model, tok = load_model(a.model, a.device, a.dtype)
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        calib, calib_info = None, None
-        if a.policy in POLICIES and POLICIES[a.policy].needs_calibration:
-            if a.calib_trace:
-                calib = calibrate.from_trace(a.calib_trace, model, a.calib_tokens)
-                calib_info = {"source": f"trace:{a.calib_trace}", "in_sample": None}
-            else:
-                src = a.calib_prompts or a.prompts
-                calib = calibrate.from_model(model, tokenize(tok, read_prompts(src), a.chat), batch_size=a.batch_size,
-                                             max_new_tokens=a.max_new_tokens, pad=pad, eos=eos_ids(model),
-                                             held_out=a.calib_prompts is not None, max_tokens=a.calib_tokens)
-                calib_info = {"source": f"prompts:{src}", "in_sample": a.calib_prompts is None}
-            calib_info["tokens"] = int(calib.ids.shape[0])
+        calib, calib_info = calibration_for(
+            a.policy, model, tok, trace=a.calib_trace, prompts=a.calib_prompts or a.prompts,
+            in_sample=a.calib_prompts is None, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, pad=pad,
+            eos=eos_ids(model), max_tokens=a.calib_tokens, chat=a.chat)
         policy = build_policy_for(model, a.policy, a.conf_model, a.set, calib, a.hardware)
         text = tok(Path(a.text).read_text(encoding="utf-8"))["input_ids"] if a.text else None
     except (ValueError, FileNotFoundError, OSError) as e:

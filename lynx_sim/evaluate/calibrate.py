@@ -34,6 +34,28 @@ def from_model(model, prompts: list[list[int]], *, batch_size: int, max_new_toke
     return Calibration.from_arrays(arrays, held_out, max_tokens)
 
 
+def calibration_for(policy: str, model, tok, *, trace: str | None, prompts: str | None, in_sample: bool,
+                    batch_size: int, max_new_tokens: int, pad: int, eos: set[int], max_tokens: int = 4096,
+                    chat: bool = False) -> tuple[Calibration | None, dict | None]:
+    """(calibration, its summary for the results) for a registry policy that learns per-layer
+    statistics, from `trace` when given, else from the model's routing on the `prompts` file
+    (`in_sample`: those are the prompts being evaluated); (None, None) for other policies."""
+    from ..policies import POLICIES
+    from ..traces.record import read_prompts, tokenize
+
+    if policy not in POLICIES or not POLICIES[policy].needs_calibration:
+        return None, None
+    if trace:
+        calib, info = from_trace(trace, model, max_tokens), {"source": f"trace:{trace}", "in_sample": None}
+    elif prompts:
+        calib = from_model(model, tokenize(tok, read_prompts(prompts), chat), batch_size=batch_size,
+                           max_new_tokens=max_new_tokens, pad=pad, eos=eos, held_out=not in_sample, max_tokens=max_tokens)
+        info = {"source": f"prompts:{prompts}", "in_sample": in_sample}
+    else:
+        raise ValueError(f"policy '{policy}' learns per-layer statistics: give --calib-trace or --calib-prompts")
+    return calib, {**info, "tokens": int(calib.ids.shape[0])}
+
+
 def from_trace(path: str | Path, model, max_tokens: int = 4096) -> Calibration:
     """A recorded trace of the same model: its router shape must be the model's."""
     from ..traces.reader import open_trace

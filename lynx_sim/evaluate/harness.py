@@ -28,9 +28,9 @@ def model_class():
     """lm_eval's HFLM with a policy patched into the loaded model."""
     from lm_eval.models.huggingface import HFLM
 
-    from ..traces.record import eos_ids, read_prompts, tokenize
-    from . import calibrate
+    from ..traces.record import eos_ids
     from .__main__ import build_policy_for
+    from .calibrate import calibration_for
     from .patch import PolicyPatch
 
     class PolicyHFLM(HFLM):
@@ -38,37 +38,28 @@ def model_class():
                      hardware: str = "h100_sxm", calib_trace: str | None = None, calib_prompts: str | None = None,
                      calib_tokens: int = 4096, **kwargs):
             super().__init__(**kwargs)
-            from ..policies import POLICIES
-
-            eos = eos_ids(self.model) | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
-            calib = None
-            if policy in POLICIES and POLICIES[policy].needs_calibration:
-                if calib_trace:
-                    calib = calibrate.from_trace(calib_trace, self.model, calib_tokens)
-                elif calib_prompts:
-                    pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-                    calib = calibrate.from_model(self.model, tokenize(self.tokenizer, read_prompts(calib_prompts)),
-                                                 batch_size=8, max_new_tokens=64, pad=pad, eos=eos, held_out=True,
-                                                 max_tokens=calib_tokens)
+            tok = self.tokenizer
+            eos = eos_ids(self.model) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
+            pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+            calib, _ = calibration_for(policy, self.model, tok, trace=calib_trace, prompts=calib_prompts,
+                                       in_sample=False, batch_size=bs if isinstance(bs := self.batch_size_per_gpu, int) else 8,
+                                       max_new_tokens=CALIB_NEW_TOKENS, pad=pad, eos=eos, max_tokens=calib_tokens)
             self.policy = build_policy_for(self.model, policy, conf_model, list(policy_set), calib, hardware)
             self.patch = PolicyPatch(self.model, self.policy, eos).__enter__()
 
     return PolicyHFLM
 
 
+CALIB_NEW_TOKENS = 64  # greedy tokens per calibration prompt (the routing rules learn from decode steps)
 OPTIONS: dict = {}  # our options of the current run, read by the registered model class
 _registered: list = []  # lm_eval's registry refuses a second class under one name: register once
 
 
 def parser() -> argparse.ArgumentParser:
+    from .__main__ import add_policy_options
+
     ap = argparse.ArgumentParser(prog="python -m lynx_sim.evaluate.harness", add_help=False)
-    ap.add_argument("--policy", default="lynx")
-    ap.add_argument("--conf-model")
-    ap.add_argument("--set", action="append", default=[])
-    ap.add_argument("--hardware", default="h100_sxm")
-    ap.add_argument("--calib-trace")
-    ap.add_argument("--calib-prompts")
-    ap.add_argument("--calib-tokens", type=int, default=4096)
+    add_policy_options(ap, "none: give this or --calib-trace")
     return ap
 
 
