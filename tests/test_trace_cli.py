@@ -103,3 +103,112 @@ def test_synth_cli_writes_a_self_consistent_trace(tmp_path, capsys):
     assert "expected one of" in capsys.readouterr().err
     assert main(["synth", "--requests", "0", str(dst)]) == 2
     assert "--requests" in capsys.readouterr().err
+
+
+def _reference_npz(path, **change):
+    """A small valid archive of the reference schema, with `change` applied (None removes)."""
+    from conftest import small_arrays
+
+    a = small_arrays(seed=5, lengths=(6, 4, 5))
+    meta = {"model": "mistralai/Mixtral-8x7B-Instruct-v0.1", "num_experts": 8, "top_k": 2}
+    arrays = {"ids": a.ids.astype(np.int16), "weights": a.weights.astype(np.float16), "seq_offsets": np.array([0, 6, 10, 15]),
+              "phase": np.ones(15, np.int8), "layers": np.array([0, 1, 2], np.int16), "meta": np.array(json.dumps(meta))}
+    for k, v in change.items():
+        arrays.pop(k) if v is None else arrays.__setitem__(k, v)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("case,field", [
+    ("no num_experts", "meta.num_experts"), ("num_experts 'eight'", "meta.num_experts"), ("meta a list", "meta"),
+    ("meta a number", "meta"), ("empty seq_offsets", "seq_offsets"), ("float ids", "ids"), ("float offsets", "seq_offsets"),
+    (".npy renamed", "file"), ("corrupted member", "ids")])
+def test_convert_names_every_malformed_archive(tmp_path, capsys, case, field):
+    src = tmp_path / "ref.npz"
+    meta = lambda **kw: np.array(json.dumps({"model": "mistralai/Mixtral-8x7B", "num_experts": 8, "top_k": 2, **kw}))  # noqa: E731
+    if case == "no num_experts":
+        _reference_npz(src, meta=np.array(json.dumps({"model": "mistralai/Mixtral-8x7B", "top_k": 2})))
+    elif case == "num_experts 'eight'":
+        _reference_npz(src, meta=meta(num_experts="eight"))
+    elif case == "meta a list":
+        _reference_npz(src, meta=np.array("[8, 2]"))
+    elif case == "meta a number":
+        _reference_npz(src, meta=np.array("8"))
+    elif case == "empty seq_offsets":
+        _reference_npz(src, seq_offsets=np.array([], np.int64))
+    elif case == "float ids":
+        _reference_npz(src, ids=np.full((15, 3, 2), 1.7, np.float32))
+    elif case == "float offsets":
+        _reference_npz(src, seq_offsets=np.array([0, 6.5, 10, 15]))
+    elif case == ".npy renamed":
+        np.save(tmp_path / "x.npy", np.zeros(3))
+        (tmp_path / "x.npy").rename(src)
+    else:
+        _reference_npz(src)
+        data = bytearray(src.read_bytes())
+        data[data.index(b"ids.npy") + 200] ^= 0xFF  # a byte of the stored ids member: its CRC fails
+        src.write_bytes(bytes(data))
+    dst = tmp_path / "out.safetensors"
+    assert main(["convert", str(src), str(dst)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {src}: field '{field}': expected "), err
+    assert not dst.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ref.npz"]
+
+
+def test_convert_os_errors_are_one_line_naming_the_path(tmp_path, capsys, monkeypatch):
+    import os
+
+    src = _reference_npz(tmp_path / "ref.npz")
+    long_src = tmp_path / ("r" * 300 + ".npz")
+    assert main(["convert", str(long_src), str(tmp_path / "o.safetensors")]) == 2
+    assert "File name too long" in capsys.readouterr().err
+    long_dst = tmp_path / ("o" * 300 + ".safetensors")
+    assert main(["convert", str(src), str(long_dst)]) == 2
+    err = capsys.readouterr().err
+    assert "File name too long" in err and str(long_dst) in err and len(err.strip().splitlines()) == 1
+    real = os.open
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(p)))
+                        if ".partial-" in str(p) else real(p, *a, **k))  # a read-only destination folder
+    dst = tmp_path / "ro" / "out.safetensors"
+    assert main(["convert", str(src), str(dst)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: [Errno 13] Permission denied: '{dst}'"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.npz", "ro"] and not list((tmp_path / "ro").iterdir())
+
+
+@pytest.mark.parametrize("num_experts", [2 ** 20, 2 ** 31])
+def test_stats_refuses_an_absurd_expert_count_at_once(tmp_path, capsys, num_experts):
+    """num_experts edited to 2^20 in a small trace made `stats` run 3 minutes at 1.9 GB (2^31: a
+    MemoryError). The bound on num_experts refuses it before any statistic runs."""
+    import time
+
+    from conftest import small_arrays
+    from test_format import rewrite_meta
+
+    from lynx_sim.traces import write_trace
+
+    a = small_arrays(logits=False)
+    path = rewrite_meta(write_trace(tmp_path / "t.safetensors", a), lambda m: m.__setitem__("num_experts", num_experts))
+    t0 = time.perf_counter()
+    assert main(["stats", str(path)]) == 2
+    assert time.perf_counter() - t0 < 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path}: field 'num_experts': expected an integer in 1..65536, found {num_experts}")
+
+
+def test_stats_memory_stays_bounded_at_the_largest_sizes_allowed(tmp_path):
+    """E = 65536, k = 256 (the bounds) in a 2-token trace: statistics in bounded memory and time."""
+    import time
+
+    from lynx_sim.traces import TraceArrays, TraceMeta, write_trace
+    from lynx_sim.traces.stats import trace_stats
+
+    meta = TraceMeta(model="big", num_experts=65536, top_k=256, moe_layers=(0, 1))
+    rng = np.random.default_rng(0)
+    ids = np.stack([np.stack([rng.permutation(65536)[:256] for _ in range(2)]) for _ in range(4)])
+    a = TraceArrays(meta=meta, request_id=np.array([0, 0, 1, 1]), position=np.array([0, 1, 0, 1]), phase=np.ones(4, int), ids=ids)
+    from lynx_sim.traces import open_trace
+
+    t0 = time.perf_counter()
+    s = trace_stats(open_trace(write_trace(tmp_path / "t.safetensors", a)), draws=50)
+    assert time.perf_counter() - t0 < 10 and s["num_experts"] == 65536

@@ -33,6 +33,7 @@ class Family:
     router: str  # our router kind (lynx_sim/routing.py)
     ids_ordered: bool  # slot 0 holds the top-1 (the model's topk is sorted)
     weights_kind: str
+    router_bias: bool = False  # the choice adds a bias the trace does not store: ids need not be the logits' top-k
 
 
 FAMILIES = {
@@ -41,7 +42,8 @@ FAMILIES = {
     "qwen3_moe": Family("softmax", True, "softmax probabilities of the top-k (renormalised when norm_topk_prob)"),
     "olmoe": Family("softmax", True, "softmax probabilities of the top-k (renormalised when norm_topk_prob)"),
     "deepseek_v3": Family("grouped_topk", False, "sigmoid scores of the chosen experts (bias-corrected, "
-                          "group-limited choice), renormalised when norm_topk_prob, times routed_scaling_factor"),
+                          "group-limited choice), renormalised when norm_topk_prob, times routed_scaling_factor",
+                          router_bias=True),
     "gpt_oss": Family("softmax", True, "softmax over the k chosen logits (= renormalised top-k softmax)"),
 }
 
@@ -76,7 +78,8 @@ def meta_for(model, name: str, provenance: dict | None = None) -> TraceMeta:
                      moe_layers=tuple(i for i, _ in router_modules(model)), router=fam.router, renormalize=renorm,
                      shared_experts=shared, n_group=int(getattr(cfg, "n_group", 1) or 1) if fam.router == "grouped_topk" else 1,
                      topk_group=int(getattr(cfg, "topk_group", 1) or 1) if fam.router == "grouped_topk" else 1,
-                     weights_kind=fam.weights_kind, ids_ordered=fam.ids_ordered, provenance=provenance or {})
+                     weights_kind=fam.weights_kind, ids_ordered=fam.ids_ordered, router_bias=fam.router_bias,
+                     provenance=provenance or {})
 
 
 @dataclass

@@ -18,6 +18,8 @@ import numpy as np
 from .reader import Trace
 
 UNION_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
+MAX_CELLS = 1 << 24  # elements of the largest temporary array; with E, k and L bounded (format.py), every
+# statistic's memory is O(MAX_CELLS + the ids it reads), whatever sizes the metadata announces
 
 
 def _eligible(trace: Trace) -> tuple[np.ndarray, str]:
@@ -26,8 +28,9 @@ def _eligible(trace: Trace) -> tuple[np.ndarray, str]:
 
 
 def _load_ids(trace: Trace, mask: np.ndarray) -> np.ndarray:
-    """ids of the rows where `mask` holds, as int16 to keep large traces small: [n, L, k]."""
-    parts = [block["ids"][mask[a:a + len(block["ids"])]].astype(np.int16)
+    """ids of the rows where `mask` holds, as int16 (int32 above E = 32767) to keep large traces small: [n, L, k]."""
+    dtype = np.int16 if trace.meta.num_experts <= np.iinfo(np.int16).max else np.int32
+    parts = [block["ids"][mask[a:a + len(block["ids"])]].astype(dtype)
              for a, block in trace.iter_blocks(("ids",))]
     return np.concatenate(parts)
 
@@ -41,6 +44,7 @@ def union_fraction(ids: np.ndarray, seq_start: np.ndarray, seq_count: np.ndarray
     out = {}
     for B in batches:
         total = 0.0
+        chunk = max(1, min(chunk, MAX_CELLS // (B * L * ids.shape[2])))  # [D, B, L, k] stays bounded
         for d0 in range(0, draws, chunk):
             D = min(chunk, draws - d0)
             if R >= B:
@@ -48,12 +52,9 @@ def union_fraction(ids: np.ndarray, seq_start: np.ndarray, seq_count: np.ndarray
             else:
                 seqs = rng.integers(0, R, size=(D, B))
             rows = seq_start[seqs] + (rng.random((D, B)) * seq_count[seqs]).astype(np.int64)
-            sel = ids[rows]  # [D, B, L, k]
-            hit = np.zeros((D, L, num_experts), dtype=bool)
-            d_idx = np.arange(D)[:, None, None, None]
-            l_idx = np.arange(L)[None, None, :, None]
-            hit[d_idx, l_idx, sel] = True
-            total += hit.sum(-1).mean(-1).sum() / num_experts
+            sel = np.sort(ids[rows].transpose(0, 2, 1, 3).reshape(D, L, -1), axis=-1)  # [D, L, B*k]
+            distinct = 1 + (sel[..., 1:] != sel[..., :-1]).sum(-1)  # [D, L] |U_t S_t(l)|: O(B k), not O(E)
+            total += distinct.mean(-1).sum() / num_experts
         out[str(B)] = float(total / draws)
     return out
 
@@ -61,6 +62,7 @@ def union_fraction(ids: np.ndarray, seq_start: np.ndarray, seq_count: np.ndarray
 def adjacent_overlap(ids: np.ndarray, pair_first: np.ndarray, chunk: int = 8192) -> np.ndarray:
     """Per layer mean of |S_t ∩ S_t+1| / k over the pairs (t, t+1) listed by `pair_first`: [L]."""
     k, L = ids.shape[2], ids.shape[1]
+    chunk = max(1, min(chunk, MAX_CELLS // (L * k * k)))  # the [P, L, k, k] comparison stays bounded
     acc = np.zeros(L)
     for a in range(0, len(pair_first), chunk):
         t = pair_first[a:a + chunk]
@@ -71,9 +73,12 @@ def adjacent_overlap(ids: np.ndarray, pair_first: np.ndarray, chunk: int = 8192)
 
 def load_cv(ids: np.ndarray, num_experts: int) -> np.ndarray:
     """Per layer coefficient of variation of expert assignment counts: [L]."""
-    counts = np.stack([np.bincount(ids[:, l].ravel(), minlength=num_experts) for l in range(ids.shape[1])])
-    mean = counts.mean(1)
-    return counts.std(1) / np.where(mean > 0, mean, 1)
+    cv = np.empty(ids.shape[1])
+    for l in range(ids.shape[1]):  # one layer's counts at a time: O(E) memory, not O(L E)
+        counts = np.bincount(ids[:, l].ravel(), minlength=num_experts)
+        mean = counts.mean()
+        cv[l] = counts.std() / (mean if mean > 0 else 1)
+    return cv
 
 
 def trace_stats(trace: Trace, draws: int = 400, seed: int = 0, batches=UNION_BATCHES) -> dict:
