@@ -95,7 +95,8 @@ def topk_set(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def group_mask(scores: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
-    """Grouped top-k: True for experts in the token's `topk_group` best groups (group score = max)."""
+    """Grouped top-k: True for experts in the token's `topk_group` best groups (group score = max).
+    `scores` may be the logits or any increasing function of them: the groups are the same."""
     *lead, E = scores.shape
     groups = scores.reshape(*lead, spec.n_group, E // spec.n_group).amax(-1)  # [..., G]
     _, keep = topk_lowest_index(groups, spec.topk_group)
@@ -117,15 +118,37 @@ def route(logits: torch.Tensor, spec: RouterSpec, allowed: torch.Tensor | None =
     (softmax over all E experts, or sigmoids) of the chosen experts, renormalised to sum 1 when
     the model does so. Grouped routers (DeepSeek-V2 style) first restrict each token to its
     `topk_group` best groups (group score = its best expert's score), then take the top-k of the
-    unmasked softmax scores. `allowed` restricts the choice the same way (softmax over all E).
-    """
+    unmasked scores. `allowed` restricts the choice the same way (softmax over all E).
+
+    Choices are made on the logits, which order experts exactly as the scores do (softmax and
+    sigmoid are increasing) without the rounding of an exp: two distinct logits never tie, so a
+    choice never depends on the exp kernel the CPU happens to run."""
     scores = scores_from_logits(logits, spec)
+    mask = allowed
     if spec.kind == "grouped_topk":
-        gm = group_mask(scores, spec)
-        allowed = gm if allowed is None else (allowed & gm)
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    w, ids = topk_lowest_index(scores, spec.top_k)
+        gm = group_mask(logits, spec)
+        mask = gm if mask is None else (mask & gm)
+    by = logits if mask is None else logits.masked_fill(~mask, float("-inf"))
+    ids = topk_lowest_index(by, spec.top_k)[1]
+    w = scores.gather(-1, ids)
     if spec.renormalize:
         w = w / w.sum(-1, keepdim=True)
     return ids, w
+
+
+def route_exact(logits: np.ndarray, spec: RouterSpec) -> tuple[np.ndarray, np.ndarray]:
+    """`route` without a mask, bit-identical on every machine (the synthetic generator's routing):
+    ids [..., k] int64 chosen on the logits as `route` does, weights [..., k] float32 computed in
+    float64 by `lynx_sim.numerics` (no CPU-dependent exp, sums in a fixed order)."""
+    from . import numerics
+
+    z = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+    by = z.masked_fill(~group_mask(z, spec), float("-inf")) if spec.kind == "grouped_topk" else z
+    ids = topk_lowest_index(by, spec.top_k)[1].numpy()
+    if spec.kind == "sigmoid":
+        w = numerics.sigmoid(np.take_along_axis(z.numpy(), ids, -1))
+        if spec.renormalize:
+            w = w / numerics.sequential_sum(w)[..., None]
+    else:
+        w = numerics.softmax_topk_weights(z.numpy(), ids, spec.renormalize)
+    return ids, w.astype(np.float32)

@@ -4,6 +4,11 @@
   synth --model M [--requests N] DST      write a synthetic trace from conf/synth/M.yaml
   stats PATH [--json] [--plot OUT.png]    union fraction, adjacent overlap, load CV, top-1 weight
   record --model DIR|HUB_ID --prompts FILE DST   routing of a Hugging Face MoE model during generate()
+  rehash SRC DST                          verify a trace written before checksums, write it with them
+
+Bad input (a malformed trace or archive, a missing or unreadable file, a read-only destination)
+prints one line `error: ...` naming the file and field, and exits with status 2. A write that
+fails or is interrupted (Ctrl-C, SIGTERM) leaves no partial file behind.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ def cmd_synth(a) -> int:
     import torch
 
     from ..model import ModelSpec
-    from ..routing import route
+    from ..routing import route_exact
     from .synth import SynthParams, SyntheticTrace
     from .writer import _TORCH_FLOAT, write_trace
 
@@ -47,8 +52,8 @@ def cmd_synth(a) -> int:
     # the file stores logits at float_dtype: derive ids and weights from the stored values, so that
     # a policy reading the logits and vanilla reading the ids see the same router
     z = torch.from_numpy(arrays.logits).to(_TORCH_FLOAT[a.float_dtype]).float()
-    ids, w = route(z, model.router)
-    arrays.logits, arrays.ids, arrays.weights = z.numpy(), ids.numpy(), w.float().numpy()
+    ids, w = route_exact(z.numpy(), model.router)  # machine-independent, as the generator's own
+    arrays.logits, arrays.ids, arrays.weights = z.numpy(), ids, w
     path = write_trace(a.dst, arrays, float_dtype=a.float_dtype)
     print(f"wrote {path}: {a.requests} requests of model {a.model}, seed {a.seed}")
     return 0
@@ -64,7 +69,8 @@ def cmd_stats(a) -> int:
             from .convert import convert
 
             path = convert(path, Path(tmp) / "imported.safetensors")
-        stats = trace_stats(open_trace(path), draws=a.draws, seed=a.seed)
+        with open_trace(path) as trace:
+            stats = trace_stats(trace, draws=a.draws, seed=a.seed)
     stats["path"] = str(a.path)
     if a.plot:
         from .plot import plot_stats
@@ -104,6 +110,14 @@ def cmd_record(a) -> int:
                  max_new_tokens=a.max_new_tokens, do_sample=a.do_sample, temperature=a.temperature, top_p=a.top_p,
                  seed=a.seed, pad_token_id=pad, chunk_tokens=a.chunk_tokens, float_dtype=a.float_dtype, provenance=prov)
     print(f"wrote {dst}: {len(ids)} requests")
+    return 0
+
+
+def cmd_rehash(a) -> int:
+    from .writer import rehash
+
+    dst = rehash(a.src, a.dst)
+    print(f"wrote {dst}: checksums added")
     return 0
 
 
@@ -150,16 +164,33 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--float-dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="stored floats")
     r.add_argument("--chunk-tokens", type=int, default=16384, help="rows held in memory before a part is written")
     r.set_defaults(fn=cmd_record)
+    h = sub.add_parser("rehash", help="verify a trace written before checksums and write it with them")
+    h.add_argument("src")
+    h.add_argument("dst", help="may be SRC itself (replaced once the new file is complete)")
+    h.set_defaults(fn=cmd_rehash)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .writer import terminate_as_exit
+
     a = parser().parse_args(argv)
     try:
-        return a.fn(a)
-    except (TraceFormatError, ValueError, FileNotFoundError) as e:
+        with terminate_as_exit():  # SIGTERM unwinds like Ctrl-C: writers remove their partial files
+            return a.fn(a)
+    except (TraceFormatError, ValueError, OSError) as e:  # OSError: a file, named, as the OS reports it
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print(f"error: out of memory in '{a.cmd}' (its files: {' '.join(_paths(a))})", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+def _paths(a) -> list[str]:
+    return [str(getattr(a, k)) for k in ("src", "dst", "path") if getattr(a, k, None)]
 
 
 if __name__ == "__main__":

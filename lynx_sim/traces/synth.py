@@ -55,11 +55,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import torch
-from scipy.signal import lfilter
 
+from .. import numerics
 from ..model import ModelSpec
-from ..routing import route
+from ..routing import route_exact
+from .digest import RoutingDigest
 from .format import PHASE_DECODE, PHASE_PREFILL, TraceMeta
 from .writer import TraceArrays, concat_arrays
 
@@ -138,35 +138,54 @@ class SynthParams:
         return cls(**cfg)
 
 
+# Fixed-point grids of the exact logit product (numerics.fixed_point_matmul): latent values on
+# 2**-14 within +-2**7 and router entries on 2**-17 within +-2**5 make every partial sum of a
+# latent dimension D <= 1024 an integer below 2**53. The grids are far finer than anything a
+# statistic can see (latent std 1, router entries ~1).
+H_BITS, H_BOUND = 14, 2.0 ** 7
+W_BITS, W_BOUND = 17, 2.0 ** 5
+MAX_LATENT_DIM = 1024
+CHUNK_TOKENS = 8  # a request is drawn in blocks of this many tokens, each from its own seeded stream: a
+# streaming replay holds one block per slot (batch 4096 x 8 rows of Qwen3-30B logits: under 1 GB)
+
+
 class SyntheticTrace:
-    """Requests of a synthetic trace for one model, drawn on demand and deterministic in (seed, r)."""
+    """Requests of a synthetic trace for one model, drawn on demand and deterministic in (seed, r):
+    bit-identical on every machine, BLAS build and thread count (`lynx_sim.numerics`)."""
+
+    VERSION = 2  # of the drawing procedure: 2 = machine-independent arithmetic, blocks of CHUNK_TOKENS
 
     def __init__(self, model: ModelSpec, params: SynthParams, seed: int):
         self.model, self.params, self.seed = model, params, int(seed)
         p, E, L = params, model.num_experts, model.num_moe_layers
         self.D = D = min(E, p.latent_dim)
+        if D > MAX_LATENT_DIM:
+            raise ValueError(f"synth preset: latent_dim: expected at most {MAX_LATENT_DIM} (exact logits), found {D}")
         rng = np.random.default_rng([self.seed, 0])
         # routers: W_0 a tight frame (orthonormal columns when D = E), W_l = W_{l-1}[:, perm_l]
-        q, _ = np.linalg.qr(rng.standard_normal((E, D)))  # [E, D]
-        w = np.sqrt(E / D) * q.T  # [D, E]
+        q = numerics.orthonormal_columns(rng.standard_normal((E, D)))  # [E, D]
+        w = numerics.quantize(np.sqrt(E / D) * q.T, W_BITS, W_BOUND)  # [D, E], grid units
         routers = [w]
         for _ in range(1, L):
             routers.append(routers[-1][:, rng.permutation(E)])
-        self._W = (p.confidence * np.stack(routers)).astype(np.float32)  # [L, D, E], confidence folded in
-        spread = np.exp(p.skew_layer_spread * rng.standard_normal(L) - p.skew_layer_spread ** 2 / 2)
-        self._bias = (p.confidence * p.popularity_skew * spread[:, None] * rng.standard_normal((L, E))).astype(np.float32)  # [L, E]
-        self._early = (p.confidence * p.early_skew * rng.standard_normal((L, E))).astype(np.float32)  # [L, E]
-        self._vocab = rng.standard_normal((p.vocab_size, D)).astype(np.float32)  # [V, D]
-        freq = 1.0 / np.arange(1, p.vocab_size + 1) ** p.vocab_zipf
-        self._vocab_cdf = np.cumsum(freq) / freq.sum()
+        self._W = np.stack(routers)  # [L, D, E] integer-valued float64 (grid units)
+        spread = numerics.exp(p.skew_layer_spread * rng.standard_normal(L) - p.skew_layer_spread ** 2 / 2)
+        self._bias = p.confidence * (p.popularity_skew * spread[:, None] * rng.standard_normal((L, E)))  # [L, E]
+        self._early = p.confidence * (p.early_skew * rng.standard_normal((L, E)))  # [L, E]
+        self._vocab = rng.standard_normal((p.vocab_size, D))  # [V, D]
+        cdf = np.cumsum(numerics.power(np.arange(1, p.vocab_size + 1, dtype=np.float64), -p.vocab_zipf))  # in order
+        self._vocab_cdf = cdf / cdf[-1]
+        self._rho_topic = float(numerics.power(0.5, 1.0 / p.topic_halflife))
+        self.digest = RoutingDigest()  # of every request handed out (the summary's trace_sha256)
         self.meta = TraceMeta(
             model=model.name, num_experts=E, top_k=model.top_k, moe_layers=tuple(model.moe_layers),
             router=model.router.kind, renormalize=model.router.renormalize, shared_experts=model.shared_experts,
             n_group=model.router.n_group, topk_group=model.router.topk_group,
-            weights_kind=("top-k gate weights of the synthetic logits from lynx_sim.routing.route"
+            weights_kind=("top-k gate weights of the synthetic logits (lynx_sim.routing.route_exact)"
                           + (", renormalised to sum 1" if model.router.renormalize else ", not renormalised")),
             missing=(),
-            provenance={"generator": "lynx_sim.traces.synth", "seed": self.seed, "params": asdict(params),
+            provenance={"generator": "lynx_sim.traces.synth", "generator_version": self.VERSION, "seed": self.seed,
+                        "numpy": np.__version__, "params": asdict(params),
                         "notes": [
                             "synthetic: Gaussian low-rank latent (rank %d) in place of real hidden states" % D,
                             "stickiness, layer coupling and topic strength are equal at every layer",
@@ -175,66 +194,102 @@ class SyntheticTrace:
                         ]},
         )
 
-    def _ar1(self, x: np.ndarray, rho: float, axis: int) -> np.ndarray:
-        """Stationary unit-variance AR(1) along `axis` driven by unit normals x (first step kept as is)."""
-        if rho == 0 or x.shape[axis] < 2:
-            return x
-        x = x.copy()
-        head = [slice(None)] * x.ndim
-        head[axis] = 0
-        x[tuple(head)] /= np.float32(np.sqrt(1 - rho ** 2))
-        b = np.array([np.sqrt(1 - rho ** 2)], dtype=np.float32)
-        a = np.array([1, -rho], dtype=np.float32)
-        return lfilter(b, a, x, axis=axis).astype(np.float32, copy=False)
-
     def lengths(self, r: int) -> tuple[int, int]:
         """(prompt tokens, output tokens) of request r."""
         rng = np.random.default_rng([self.seed, 1, int(r)])
-        return self._lengths(rng)
-
-    def _lengths(self, rng: np.random.Generator) -> tuple[int, int]:
         return _draw_length(self.params.prompt_tokens, rng), _draw_length(self.params.output_tokens, rng)
 
-    def request(self, r: int, prompt_tokens: int | None = None, output_tokens: int | None = None) -> TraceArrays:
-        """Request r: prompt (phase 0) then output (phase 1). Lengths come from the preset unless given."""
-        p, D, L = self.params, self.D, self.model.num_moe_layers
-        rng = np.random.default_rng([self.seed, 1, int(r)])
-        P, O = self._lengths(rng)
+    def request(self, r: int, prompt_tokens: int | None = None, output_tokens: int | None = None,
+                phase: int | None = None) -> TraceArrays:
+        """Request r: prompt (phase 0) then output (phase 1). Lengths come from the preset unless
+        given; `phase` keeps only that phase's rows (the others' logits are never computed)."""
+        P, O = self.lengths(r)
         P = P if prompt_tokens is None else int(prompt_tokens)
         O = O if output_tokens is None else int(output_tokens)
-        T = P + O
-        if T < 1:
+        if P + O < 1:
             raise ValueError(f"request {r}: needs at least one token (prompt {P}, output {O})")
-        # request topic g_t [T, D], drifting along tokens
-        rho_topic = 0.5 ** (1.0 / p.topic_halflife)
-        g = self._ar1(rng.standard_normal((T, D), dtype=np.float32), rho_topic, 0)
-        # words [T]: Zipf draws, the first prompt token is word 0
-        words = np.searchsorted(self._vocab_cdf, rng.random(T)).clip(max=p.vocab_size - 1)
-        if P > 0:
-            words[0] = 0
-        # contextual part x [T, L, D]: AR(1) along tokens (stickiness) and along layers (coupling)
-        x = rng.standard_normal((T, L, D), dtype=np.float32)
-        x = self._ar1(self._ar1(x, p.stickiness, 0), p.layer_coupling, 1)
-        rest = 1.0 - p.topic_weight - p.vocab_weight
-        shared = np.sqrt(p.topic_weight) * g + np.sqrt(p.vocab_weight) * self._vocab[words]  # [T, D]
-        h = np.float32(np.sqrt(rest)) * x + shared[:, None, :].astype(np.float32)  # [T, L, D]
-        if P > 0:  # the begin-of-sequence token sees no context: its hidden state is its embedding alone
+        lo, hi = {None: (0, P + O), PHASE_PREFILL: (0, P), PHASE_DECODE: (P, P + O)}[phase]
+        parts = list(self.blocks(r, P, O, lo, hi))
+        if not parts:
+            return self._rows(r, P, np.empty((0, self.model.num_moe_layers, self.model.num_experts), np.float32), lo)
+        out = concat_arrays(parts)
+        if prompt_tokens is None and output_tokens is None:
+            self.digest.add(r, phase, out)
+        return out
+
+    def blocks(self, r: int, P: int, O: int, lo: int = 0, hi: int | None = None):
+        """Rows [lo, hi) of request r (P prompt then O output tokens), yielded in blocks of at most
+        CHUNK_TOKENS rows. The latent's AR(1) state is carried across blocks, so memory holds one
+        block whatever the request's length (a paused generator keeps only the states); logits
+        are computed only for the rows asked for."""
+        T = P + O
+        hi = T if hi is None else hi
+        if not 0 <= lo <= hi <= T:
+            raise ValueError(f"request {r}: rows [{lo}, {hi}) outside its {T} tokens")
+        state = (None, None)  # AR(1) states: topic [D], contextual part [L, D]
+        for c0 in range(0, min(hi, T), CHUNK_TOKENS):
+            rows, state = self._chunk(r, P, c0, min(CHUNK_TOKENS, T - c0), state, lo, hi)
+            if rows is not None:
+                yield rows
+
+    def _chunk(self, r: int, P: int, c0: int, n: int, state: tuple, lo: int, hi: int):
+        """Block c0 // CHUNK_TOKENS of request r: (its rows inside [lo, hi), or None; the new states)."""
+        p, D, L = self.params, self.D, self.model.num_moe_layers
+        g, x = state
+        rng = np.random.default_rng([self.seed, 2, int(r), c0 // CHUNK_TOKENS])
+        topic = rng.standard_normal((n, D))  # [n, D]
+        words = np.searchsorted(self._vocab_cdf, rng.random(n)).clip(max=p.vocab_size - 1)
+        ctx = rng.standard_normal((n, L, D))  # [n, L, D]
+        gs, g = ar1_steps(topic, g, self._rho_topic, np.sqrt(1 - self._rho_topic ** 2))  # AR(1) along tokens
+        xs, x = ar1_steps(ctx, x, p.stickiness, np.sqrt(1 - p.stickiness ** 2))
+        if c0 + n <= lo:  # before the rows asked for: only the states move on
+            return None, (g, x)
+        couple = np.sqrt(1 - p.layer_coupling ** 2)
+        for l in range(1, L):  # AR(1) along layers (cross-layer coupling), per token
+            xs[:, l] = p.layer_coupling * xs[:, l - 1] + couple * xs[:, l]
+        if c0 == 0 and P > 0:
+            words[0] = 0  # the first prompt token is the begin-of-sequence word
+        shared = np.sqrt(p.topic_weight) * gs + np.sqrt(p.vocab_weight) * self._vocab[words]  # [n, D]
+        h = np.sqrt(1.0 - p.topic_weight - p.vocab_weight) * xs + shared[:, None, :]  # [n, L, D]
+        if c0 == 0 and P > 0:  # the begin-of-sequence token sees no context: its embedding alone
             h[0] = self._vocab[0]
-        z = np.matmul(h.transpose(1, 0, 2), self._W)  # [L, T, E]
-        z += self._bias[:, None, :]
+        a, b = max(lo - c0, 0), min(hi - c0, n)
+        return self._rows(r, P, self._logits(h[a:b], c0 + a), c0 + a), (g, x)
+
+    def _logits(self, h: np.ndarray, t0: int) -> np.ndarray:
+        """float32 logits [n, L, E] of latents h [n, L, D] at positions t0.. (exact product, then
+        elementwise float64 terms in a fixed order, rounded once)."""
+        p = self.params
+        hq = numerics.quantize(h, H_BITS, H_BOUND).transpose(1, 0, 2)  # [L, n, D] grid units
+        z = numerics.fixed_point_matmul(hq, self._W, H_BITS + W_BITS)  # [L, n, E], exact
+        z = p.confidence * z + self._bias[:, None, :]
         if p.early_skew > 0:  # early tokens have little context and crowd onto the same experts
-            decay = np.exp(-np.arange(T, dtype=np.float32) / np.float32(p.early_tokens))  # [T]
-            z += self._early[:, None, :] * decay[None, :, None]
-        logits = np.ascontiguousarray(z.transpose(1, 0, 2))  # [T, L, E]
-        ids, w = route(torch.from_numpy(logits), self.model.router)
-        phase = np.r_[np.full(P, PHASE_PREFILL, np.int8), np.full(O, PHASE_DECODE, np.int8)]
-        return TraceArrays(meta=self.meta, request_id=np.full(T, r, np.int32), position=np.arange(T, dtype=np.int32),
-                           phase=phase, ids=ids.numpy().astype(np.int32), weights=w.numpy().astype(np.float32),
-                           logits=logits)
+            decay = numerics.exp(-np.arange(t0, t0 + h.shape[0], dtype=np.float64) / p.early_tokens)  # [n]
+            z = z + self._early[:, None, :] * decay[None, :, None]
+        return np.ascontiguousarray(z.transpose(1, 0, 2)).astype(np.float32)  # [n, L, E]
+
+    def _rows(self, r: int, P: int, logits: np.ndarray, t0: int) -> TraceArrays:
+        n = logits.shape[0]
+        ids, w = route_exact(logits, self.model.router)
+        pos = np.arange(t0, t0 + n, dtype=np.int32)
+        return TraceArrays(meta=self.meta, request_id=np.full(n, r, np.int32), position=pos,
+                           phase=np.where(pos < P, PHASE_PREFILL, PHASE_DECODE).astype(np.int8),
+                           ids=ids.astype(np.int32), weights=w, logits=logits)
 
     def to_arrays(self, num_requests: int, logits: bool = True) -> TraceArrays:
         """Requests 0..num_requests-1 concatenated; logits=False drops them (smaller, for statistics)."""
         return concat([self.request(r) for r in range(num_requests)], logits=logits)
+
+
+def ar1_steps(drives: np.ndarray, state, rho: float, gain: float) -> tuple[np.ndarray, np.ndarray]:
+    """Stationary unit-variance AR(1) along axis 0 driven by unit normals, continuing from `state`
+    (None: the first row starts the process as is); float64 elementwise steps, so the same bits
+    everywhere. Returns (the series, its last row)."""
+    out = np.empty_like(drives)
+    for t in range(drives.shape[0]):
+        state = drives[t] if state is None else rho * state + gain * drives[t]
+        out[t] = state
+    return out, state
 
 
 def concat(parts: list[TraceArrays], logits: bool = True) -> TraceArrays:
