@@ -36,10 +36,11 @@ from .timing import median_time_s
 from .weights import copies_needed, make_layers
 
 
-def _lynx_on_kernels(policy, model) -> bool:
-    """Lynx runs on the Triton kernels where they reproduce the torch policy exactly."""
-    return (policy.name == "lynx" and model.router.kind == "softmax" and policy.beta is not None
-            and policy.arithmetic == "float32" and policy.tie_break == "lowest_index")
+def _lynx_on_kernels(policy) -> bool:
+    """Lynx runs on the Triton kernels where the policy says its compiled path takes a GPU batch
+    (`Lynx.compiled_path`: the configurations they reproduce exactly, unless backend=torch); the
+    CPU check mode runs the same kernels under the interpreter, standing in for the GPU."""
+    return policy.name == "lynx" and policy.compiled_path("cuda")
 
 
 def run(cfg, out_dir: str | Path) -> dict:
@@ -74,7 +75,7 @@ def run(cfg, out_dir: str | Path) -> dict:
     copies = 1 if cpu else copies_needed(dev.l2_bytes, expert_bytes)
     weights = make_layers(E, H, I, B, copies, dtype, dev.kind, int(cfg.seed))
     replay = ClosedLoopReplay(source, B, np.random.default_rng(int(cfg.seed)), horizon=steps, fill_missing_logits=fill)
-    on_kernels = _lynx_on_kernels(policy, model)
+    on_kernels = _lynx_on_kernels(policy)
     repeats, warmup = (1, 0) if cpu else (int(ex.repeats), int(ex.warmup))
     rows, mismatches, check_err = [], 0, 0.0
     lynx_buf: dict = {}

@@ -28,8 +28,6 @@ class ModelSpec:
     shared_intermediate_size: int
     moe_layers: tuple[int, ...]
     router: RouterSpec
-    lynx_alpha: float
-    lynx_beta: int | None
 
     @classmethod
     def from_cfg(cls, m) -> "ModelSpec":
@@ -44,7 +42,6 @@ class ModelSpec:
             top_k=int(moe.top_k), expert_intermediate_size=int(moe.intermediate_size),
             shared_experts=int(moe.shared_experts), shared_intermediate_size=int(moe.shared_intermediate_size),
             moe_layers=layers, router=RouterSpec.from_cfg(moe),
-            lynx_alpha=float(m.lynx.alpha), lynx_beta=None if m.lynx.beta is None else int(m.lynx.beta),
         )
 
     @property

@@ -1,4 +1,8 @@
-"""The roofline against hand arithmetic, and the facts it must reproduce (LYNX.md section 1)."""
+"""The roofline against hand arithmetic, and the facts it must reproduce (LYNX.md section 1).
+
+MoE-layer prices go through `Roofline.moe_layers_s`, the one function `step` (what the
+simulator calls) prices the MoE layers with; `test_step_prices_moe_layers_with_moe_layers_s`
+holds them together."""
 
 from __future__ import annotations
 
@@ -39,8 +43,24 @@ def test_moe_layer_hand_arithmetic():
     bytes_ = 3 * m.expert_bytes + 4096 * 8 * 2
     flops = 2 * m.expert_params * 16 + 2 * 4096 * 8 * 8
     expect = max(bytes_ / bw, flops / (989.4e12 * 0.752)) + 12e-6
-    assert r.moe_layers_s(counts)[0] == pytest.approx(expect, rel=1e-12)
+    assert r.moe_layers_s(counts, 8)[0][0] == pytest.approx(expect, rel=1e-12)
     assert bytes_ / bw > flops / (989.4e12 * 0.752), "decode at B=8 is memory-bound"
+
+
+@pytest.mark.parametrize("gpus, expert_parallel", [(1, False), (2, False), (2, True)])
+@pytest.mark.parametrize("acted", [True, False])
+def test_step_prices_moe_layers_with_moe_layers_s(gpus, expert_parallel, acted):
+    """The simulator's step takes its MoE term and collectives from moe_layers_s, bit for bit, so
+    the hand-arithmetic tests above price what the simulator runs."""
+    from lynx_sim.cost import Parallel
+
+    m, h, _ = load()
+    r = Roofline(m, h, Parallel(gpus=gpus, expert_parallel=expert_parallel), policy_overhead_us=8.0)
+    counts = np.random.default_rng(gpus).multinomial(16 * 2, np.full(8, 1 / 8), size=32)  # [32, 8]: 16 tokens x k=2
+    layers, comm = r.moe_layers_s(counts, 16, acted)
+    c = r.step(16, 16 * 300, counts, acted=acted)
+    assert np.array_equal(c.moe_layer_s, layers) and c.moe_s == float(layers.sum())
+    assert c.comm_s == r.comm_s(16, counts, comm)
 
 
 def test_decode_moe_time_linear_in_distinct_experts():
@@ -51,7 +71,7 @@ def test_decode_moe_time_linear_in_distinct_experts():
         counts = np.zeros((1, 128), dtype=np.int64)
         counts[0, :d] = 1
         counts[0, 0] += 64 * 8 - d  # the same 64 tokens x k=8 assignments, spread over d experts
-        times.append(r.moe_layers_s(counts)[0])
+        times.append(r.moe_layers_s(counts, 64)[0][0])
     steps = np.diff(times)
     np.testing.assert_allclose(steps, 8 * m.expert_bytes / h.bandwidth_Bps, rtol=1e-9)
 
@@ -63,7 +83,7 @@ def test_prefill_sized_batches_are_flat_in_distinct_experts():
     few = np.zeros((1, 128), dtype=np.int64)
     few[0, :32] = tokens // 32
     many = np.full((1, 128), tokens // 128, dtype=np.int64)
-    assert r.moe_layers_s(many)[0] / r.moe_layers_s(few)[0] == pytest.approx(1.0, abs=1e-9)
+    assert r.moe_layers_s(many, 8192)[0][0] / r.moe_layers_s(few, 8192)[0][0] == pytest.approx(1.0, abs=1e-9)
 
 
 def test_step_components_and_attention_grows_with_context():
@@ -117,7 +137,7 @@ def test_moe_bandwidth_factor_and_routed_expert_term(tmp_path):
     assert rc.attention_s(8, 4096) == r.attention_s(8, 4096)
     memory_bound = r.routed_experts_s(counts)[1] - h.moe_layer_fixed_us * 1e-6
     assert rc.routed_experts_s(counts)[1] - h.moe_layer_fixed_us * 1e-6 == pytest.approx(2 * memory_bound)
-    assert rc.moe_layers_s(counts)[1] > r.moe_layers_s(counts)[1]
+    assert rc.moe_layers_s(counts, 12)[0][1] > r.moe_layers_s(counts, 12)[0][1]
     assert "moe_bandwidth_efficiency" in c.measured
 
 
@@ -134,7 +154,7 @@ def test_every_hardware_is_complete_and_ordered_by_bandwidth():
         m = ModelSpec.from_cfg(OmegaConf.load(CONF_DIR / "model" / "mixtral_8x7b.yaml"))
         counts = np.zeros((1, 8), dtype=np.int64)
         counts[0, :6] = 2
-        times[h.name] = Roofline(m, h).moe_layers_s(counts)[0]
+        times[h.name] = Roofline(m, h).moe_layers_s(counts, 6)[0][0]
         achievable[h.name] = h.bandwidth_Bps
     by_time = sorted(times, key=times.get)
     assert by_time == sorted(achievable, key=achievable.get, reverse=True), by_time
@@ -171,8 +191,9 @@ def test_tensor_parallel_splits_weights_and_adds_allreduces():
     allreduce = 2 * 1 / 2 * B * 4096 * 2 / 900e9 + 10e-6
     bytes1 = 4 * m.expert_bytes + 4096 * 8 * 2
     bytes2 = 4 * m.expert_bytes / 2 + 4096 * 8 * 2  # the router is replicated
-    assert one.moe_layers_s(counts, B)[0] == pytest.approx(bytes1 / h.bandwidth_Bps + 12e-6)
-    assert two.moe_layers_s(counts, B)[0] == pytest.approx(bytes2 / h.bandwidth_Bps + 12e-6 + allreduce)
+    assert one.moe_layers_s(counts, B)[0][0] == pytest.approx(bytes1 / h.bandwidth_Bps + 12e-6)
+    assert two.moe_layers_s(counts, B)[0][0] == pytest.approx(bytes2 / h.bandwidth_Bps + 12e-6 + allreduce)
+    assert two.moe_layers_s(counts, B)[1][0] == pytest.approx(allreduce)
     assert two.expert_time_s() == pytest.approx(one.expert_time_s() / 2)
     assert two.comm_s(B, np.repeat(counts, 32, 0)) == pytest.approx(allreduce * (32 + 32))
 
@@ -189,9 +210,9 @@ def test_expert_parallel_slowest_rank_gates_the_layer():
     bytes0 = 4 * m.expert_bytes + 4096 * 8 * 2
     t0 = max(bytes0 / h.bandwidth_Bps, (m.expert_flops(4 * 16) + 2 * 4096 * 8 * local_tokens) / h.flops_per_s(2))
     comm0 = 2 * (16 * 0.5 * 4096 * 2 / 900e9 + 10e-6)
-    assert ep.moe_layers_s(counts, 8)[0] == pytest.approx(t0 + comm0 + 12e-6)
+    assert ep.moe_layers_s(counts, 8)[0][0] == pytest.approx(t0 + comm0 + 12e-6)
     balanced = np.array([[2, 2, 2, 2, 2, 2, 2, 2]])  # 8 distinct over two ranks: 4 each, less traffic on rank 0
-    assert ep.moe_layers_s(balanced, 8)[0] < ep.moe_layers_s(counts, 8)[0]
+    assert ep.moe_layers_s(balanced, 8)[0][0] < ep.moe_layers_s(counts, 8)[0][0]
     with pytest.raises(ValueError, match="must divide num_experts"):
         Roofline(m, h, Parallel(gpus=3, expert_parallel=True)).moe_layers_s(counts, 8)
     with pytest.raises(ValueError, match="parallel.gpus"):

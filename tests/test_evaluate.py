@@ -133,6 +133,7 @@ metric_list: [{{metric: acc, aggregation: mean, higher_is_better: true}}]
 """}
 
 
+@pytest.mark.slow  # ~26 s
 def test_harness_adapter_runs_lm_eval_tasks(tmp_path, monkeypatch):
     """`python -m lynx_sim.evaluate.harness` through lm-evaluation-harness on a saved tiny model
     and two local tasks (generation, log-likelihood), offline: with `vanilla` every response

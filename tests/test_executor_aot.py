@@ -24,6 +24,7 @@ def _has_nvidia_toolchain() -> bool:
     return all((Path(nv.__file__).parent / "bin" / t).is_file() for t in ("ptxas", "cuobjdump"))
 
 
+@pytest.mark.slow  # ~28 s with a cold Triton cache
 @pytest.mark.skipif(not _has_nvidia_toolchain(), reason="this Triton has no NVIDIA backend with ptxas and cuobjdump")
 def test_every_kernel_compiles_for_sm90_within_its_limits(tmp_path):
     out = tmp_path / "aot.json"

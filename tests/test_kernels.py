@@ -128,6 +128,7 @@ def test_align_layout(seed, fused):
         assert (counts[e] == 0) == (not (be == e).any())
 
 
+@pytest.mark.slow  # ~19 s
 def test_fused_align_equals_the_torch_align():
     """The one-program Triton align and the torch ops give the same layout, bit for bit, on
     random routings with dropped slots, every block size, up to the fused kernel's limit."""

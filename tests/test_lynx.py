@@ -1,4 +1,7 @@
-"""Lynx (LYNX.md section 3) against a plain float64 reference, and its stated properties."""
+"""Lynx (LYNX.md section 3) against a plain float64 reference, and its stated properties.
+
+Tests that compare with the reference run on both backends: `compiled` (the numba kernels of
+lynx_cpu.py, check_cpu.py, fidelity_cpu.py) and `torch` (the code a GPU batch runs)."""
 
 from __future__ import annotations
 
@@ -35,17 +38,21 @@ case = st.fixed_dictionaries({
 })
 
 
+BACKENDS = ("compiled", "torch")
+
+
 def _k(c):
     return 1 + int(c["kfrac"] * (min(c["E"], 8) - 1))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=60, deadline=None)
-@given(case)
-def test_float64_matches_reference(c):
+@given(c=case)
+def test_float64_matches_reference(backend, c):
     k = _k(c)
     spec = RouterSpec(c["E"], k, "softmax", c["renorm"])
     Z = random_logits(c["seed"], c["L"], c["B"], c["E"], quantum=c["quantum"])
-    pol = Lynx(spec, c["alpha"], c["beta"], arithmetic="float64")
+    pol = Lynx(spec, c["alpha"], c["beta"], arithmetic="float64", backend=backend)
     sel = pol.select(make_batch(Z, spec))
     keep = pol.keep_mask(Z)
     for l in range(c["L"]):
@@ -55,13 +62,14 @@ def test_float64_matches_reference(c):
         assert torch.nonzero(keep[l]).flatten().tolist() == kept
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=60, deadline=None)
-@given(case)
-def test_invariants(c):
+@given(c=case)
+def test_invariants(backend, c):
     k = _k(c)
     spec = RouterSpec(c["E"], k, "softmax", c["renorm"])
     Z = random_logits(c["seed"], c["L"], c["B"], c["E"], quantum=c["quantum"], dtype=torch.float32)
-    pol = Lynx(spec, c["alpha"], c["beta"])  # float32, as the plugin
+    pol = Lynx(spec, c["alpha"], c["beta"], backend=backend)  # float32, as the plugin
     sel = pol.select(make_batch(Z, spec))
     keep = pol.keep_mask(Z)
     B, E = c["B"], c["E"]
@@ -181,6 +189,10 @@ def test_bad_parameters_and_missing_logits():
         Lynx(spec, 1.0, None)
     with pytest.raises(ValueError, match="arithmetic"):
         Lynx(spec, 1.0, 1, arithmetic="float16")
+    with pytest.raises(ValueError, match="backend: expected auto or torch for a sigmoid router"):
+        Lynx(RouterSpec(8, 2, "sigmoid"), 1.0, None, backend="compiled")
+    with pytest.raises(ValueError, match="backend: expected auto or torch"):
+        Lynx(spec, 1.0, 1, tie_break="own_logit", backend="compiled")
     with pytest.raises(ValueError, match="2\\*\\*53"):
         Lynx(spec, 1.0, 8, arithmetic="float64").keys(torch.zeros(1, 100, 8))
     Z = random_logits(0, 1, 4, 8)
@@ -217,7 +229,7 @@ def test_grouped_invariants(c, groups):
     batch = make_batch(Z, spec)
     sel = Lynx(spec, c["alpha"], c["beta"]).select(batch)
     from lynx_sim.routing import group_mask
-    inside = group_mask(torch.softmax(Z, -1), spec).gather(-1, sel.ids)
+    inside = group_mask(Z, spec).gather(-1, sel.ids)
     assert inside.all(), "every expert must lie inside the token's own groups"
     keep = Lynx(spec, c["alpha"], c["beta"]).keep_mask(Z)
     assert (keep.sum(-1) >= k).all() and (keep.sum(-1) <= min(E, c["B"] * k)).all()
@@ -261,8 +273,8 @@ def test_sigmoid_hand_case():
 @settings(max_examples=60, deadline=None)
 @given(case, st.sampled_from(["float32", "float64"]), st.sampled_from([0, 10**9]))
 def test_compiled_cpu_selection_equals_torch_path(c, arithmetic, batched_max):
-    """The numba selection (CPU fast path, both kernels: BATCHED_MAX = 0 forces the per-token
-    one) and the torch path give the same ids and weights."""
+    """The numba selection (backend=compiled; both kernels: BATCHED_MAX = 0 forces the
+    per-token one) and the torch path (backend=torch) give the same ids and weights."""
     from unittest import mock
 
     from lynx_sim.policies import lynx_cpu
@@ -270,15 +282,44 @@ def test_compiled_cpu_selection_equals_torch_path(c, arithmetic, batched_max):
     k = _k(c)
     spec = RouterSpec(c["E"], k, "softmax", c["renorm"])
     Z = random_logits(c["seed"], c["L"], c["B"], c["E"], quantum=c["quantum"], dtype=torch.float32)
-    pol = Lynx(spec, c["alpha"], c["beta"], arithmetic=arithmetic)
+    fast, slow = (Lynx(spec, c["alpha"], c["beta"], arithmetic=arithmetic, backend=b) for b in ("compiled", "torch"))
     batch = make_batch(Z, spec)
-    assert pol._compiled_path(Z)
+    assert fast.compiled_path(Z) and not slow.compiled_path(Z)
+    assert Lynx(spec, c["alpha"], c["beta"], arithmetic=arithmetic).compiled_path(Z), "auto takes the kernels on the CPU"
     with mock.patch.object(lynx_cpu, "BATCHED_MAX", batched_max):
-        fast_ids, fast_w = pol.route(batch)
-    pol._compiled_path = lambda Z: False  # force the torch path
-    slow_ids, slow_w = pol.route(batch)
+        fast_ids, fast_w = fast.route(batch)
+    slow_ids, slow_w = slow.route(batch)
     assert torch.equal(fast_ids, slow_ids)
     torch.testing.assert_close(fast_w, slow_w, rtol=1e-6, atol=1e-7)
+
+
+def test_backend_choice_is_one_place():
+    """compiled_path reads backend and device; a GPU batch's compiled path is the Triton kernels,
+    float32 configurations only; backend=compiled refuses a batch it cannot serve."""
+    spec = RouterSpec(8, 2)
+    assert Lynx(spec, 1.0, 1).compiled_path("cpu") and Lynx(spec, 1.0, 1).compiled_path("cuda")
+    assert not Lynx(spec, 1.0, 1, "float64").compiled_path("cuda")
+    assert not Lynx(spec, 1.0, 1, backend="torch").compiled_path("cuda")
+    assert not Lynx(spec, 1.0, 1, tie_break="own_logit").compiled_path("cuda")
+    assert Vanilla(spec).compiled_path("cpu") and not Vanilla(spec).compiled_path("cuda")
+    with pytest.raises(PolicyInputError, match="backend=compiled: its compiled kernels run on CPU tensors"):
+        Vanilla(spec, backend="compiled").compiled_path("cuda")
+    with pytest.raises(ValueError, match="policy 'vanilla': backend: expected one of auto, torch, compiled"):
+        Vanilla(spec, backend="numba")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arithmetic", ["float32", "float64"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_logits_are_refused_by_name(backend, arithmetic, bad):
+    """A NaN or infinite logit would make a bin NaN, and bins index the compiled kernels' tables:
+    every path refuses the batch, naming the layer and token."""
+    spec = RouterSpec(8, 2)
+    Z = random_logits(0, 2, 5, 8, dtype=torch.float32)
+    ids, w = route(Z, spec)
+    Z[1, 3, 6] = bad
+    with pytest.raises(PolicyInputError, match="logits: expected finite values, found a NaN or infinite logit at layer 1, token 3"):
+        Lynx(spec, 0.7, 1, arithmetic=arithmetic, backend=backend).select(BatchRouting(ids, w, Z))
 
 
 def test_float64_exactness_is_checked_on_every_path():

@@ -34,8 +34,7 @@ CASES = [  # (L, B, E, k, alpha, beta, renormalize, quantum)
 
 def torch_policy(Z, E, k, alpha, beta, renorm):
     spec = RouterSpec(E, k, "softmax", renorm)
-    pol = Lynx(spec, alpha, beta, arithmetic="float32")
-    pol._compiled_path = lambda Z: False  # the torch path (what the policy runs on a GPU)
+    pol = Lynx(spec, alpha, beta, arithmetic="float32", backend="torch")  # the torch path (what the policy runs on a GPU)
     ids = torch.topk(Z, k, -1).indices
     sel_ids, sel_w = pol.route(BatchRouting(ids, None, Z))
     return pol, sel_ids, sel_w

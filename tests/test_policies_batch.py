@@ -84,7 +84,7 @@ NEUTRAL_CASES = [dict(seed=s, renorm=r, ties=t) for s, r, t in itertools.product
 @pytest.mark.parametrize("case", NEUTRAL_CASES)
 def test_neutral_parameters_reproduce_vanilla(name, case):
     spec, batch = random_batch(case["seed"], renorm=case["renorm"], ties=case["ties"])
-    pol = built(name, spec, 2, **POLICIES[name].neutral)
+    pol = built(name, spec, 2, **POLICIES[name].neutral_params(spec))
     for b in (batch, BatchRouting(batch.ids, batch.weights, None), BatchRouting(batch.ids, None, None)):
         sel = pol.select(b)
         assert sel.acted and torch.equal(sel.ids, b.ids)

@@ -85,11 +85,12 @@ def test_static_k_by_hand(k, renorm, ids, weights):
     check(POLICIES["static_k"](SPEC, k=k, renormalize=renorm).select(hand_batch()), ids, weights)
 
 
-def test_static_k_above_model_k_is_a_no_op():
+def test_static_k_at_model_k_is_a_no_op_and_above_is_refused():
     b = hand_batch()
     sel = POLICIES["static_k"](SPEC, k=4).select(b)
     assert sel.ids is b.ids and sel.weights is b.weights
-    assert POLICIES["static_k"](SPEC, k=9).select(b).ids is b.ids
+    with pytest.raises(ValueError, match=r"policy 'static_k': k: expected an int in 1..4 \(the model's top_k\), found 9"):
+        POLICIES["static_k"](SPEC, k=9)
 
 
 # --- layer_k --------------------------------------------------------------------------------
@@ -102,10 +103,11 @@ def layer_calibration(weights_per_layer, n=5):
 
 
 @pytest.mark.parametrize("mean_k, expected", [(5 / 3, [1, 2, 2]), (2.0, [1, 2, 3]), (1.0, [1, 1, 1]),
-                                              (3.0, [3, 3, 3]), (100.0, [3, 3, 3]), (1.5, [1, 2, 2])])
+                                              (3.0, [3, 3, 3]), (6.0, [3, 3, 3]), (1.5, [1, 2, 2])])
 def test_layer_k_allocation_by_hand(mean_k, expected):
     """Marginal gains of slots 2, 3: layer 0: .05 .05, layer 1: .3 .2, layer 2: .35 .25 (weights
-    given unsorted). Budget floor(mean_k * 3 + .5): 5 -> +.35, +.3; 6 -> also +.25; 1.5 -> 4.5 -> 5."""
+    given unsorted). Budget floor(mean_k * 3 + .5): 5 -> +.35, +.3; 6 -> also +.25; 1.5 -> 4.5 -> 5;
+    mean_k = E = 6 (its upper bound) clamps to k per layer."""
     calib = layer_calibration([[0.05, 0.9, 0.05], [0.3, 0.2, 0.5], [0.25, 0.4, 0.35]])
     pol = POLICIES["layer_k"](RouterSpec(6, 3), mean_k=mean_k)
     pol.prepare(calib)
@@ -273,7 +275,7 @@ def test_entropy_k_sigmoid_router_uses_weights_not_logits():
 ])
 def test_neutral_parameters_reproduce_vanilla(name, case):
     spec, batch = random_batch(**case)
-    sel = build(name, spec, L=case["L"], **POLICIES[name].neutral).select(batch)
+    sel = build(name, spec, L=case["L"], **POLICIES[name].neutral_params(spec)).select(batch)
     assert torch.equal(sel.ids, batch.ids) and torch.equal(sel.weights, batch.weights)
 
 
@@ -342,7 +344,7 @@ def test_bad_parameters_name_the_parameter(name, params, param):
 
 
 def test_bad_parameter_message_says_expected_and_found():
-    with pytest.raises(ValueError, match=r"policy 'top_p': p: expected 0 < p <= 1, found 1.5"):
+    with pytest.raises(ValueError, match=r"policy 'top_p': p: expected a finite number in \(0, 1\], found 1.5"):
         POLICIES["top_p"](SPEC, p=1.5)
 
 
@@ -378,5 +380,6 @@ def test_short_simulation(name):
         assert s["experts_per_token"] == 1.0 and s["speedup"] > 1.0
     if name == "layer_k":  # 32 layers, mean_k 1.5: 48 slots, so exactly 1.5 per token
         assert sum(s["policy_params"]["k_per_layer"]) == 48 and s["experts_per_token"] == pytest.approx(1.5)
-    neutral = short_run(name, *(f"policy.{k}={v}" for k, v in POLICIES[name].neutral.items()))
+    mixtral = RouterSpec(8, 2)  # the short run's router
+    neutral = short_run(name, *(f"policy.{k}={v}" for k, v in POLICIES[name].neutral_params(mixtral).items()))
     assert neutral["speedup"] == 1.0 and neutral["experts_per_token"] == 2.0 and neutral["slots_changed"] == 0.0

@@ -3,8 +3,8 @@
 A tensor a rule creates without `device=` lands on the CPU and breaks a CUDA batch. Without a
 GPU we catch that with the meta device: inside `torch.device("meta")` every factory call that
 names no device makes a meta tensor, and mixing one with the batch's CPU tensors fails. Each
-registered policy (its torch path, as on a GPU) and the torch fidelity measures run so, for a
-softmax, a grouped top-k and a sigmoid router.
+registered policy (built with backend=torch: its torch path, as on a GPU) and the torch fidelity
+measures run so, for a softmax, a grouped top-k and a sigmoid router.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ def setups():
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_policy_creates_tensors_on_the_batch_device(setups, model_name, policy):
     model, calib = setups[model_name]
-    pol = build_policy(compose_cfg([f"model={model_name}", f"policy={policy}"]).policy, model, 1e-4)
+    cfg = compose_cfg([f"model={model_name}", f"policy={policy}", "++policy.backend=torch"])  # the GPU's path
+    pol = build_policy(cfg.policy, model, 1e-4)
+    assert pol.backend == "torch"
     if pol.needs_calibration:
         pol.prepare(calib)
-    if hasattr(pol, "_compiled_path"):
-        pol._compiled_path = lambda Z: False  # the torch path, which a GPU batch takes
     z = torch.randn(model.num_moe_layers, 8, model.num_experts, generator=torch.Generator().manual_seed(0))
     ids, w = route(z, model.router)
     batch = BatchRouting(ids, w.float(), z)

@@ -77,15 +77,38 @@ def test_invariants(name, c):
     assert torch.equal(again.ids, ids) and torch.equal(again.weights, w), "same input, same output"
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if POLICIES[n].neutral is not None])
+@pytest.mark.parametrize("name", [n for n in NAMES if POLICIES[n].neutral_params(RouterSpec(8, 2)) is not None])
 @settings(max_examples=20, deadline=None)
 @given(c=shapes)
 def test_neutral_parameters_equal_vanilla(name, c):
     spec, batch = make(c)
-    params = {**config_params(name), **POLICIES[name].neutral}
+    params = {**config_params(name), **POLICIES[name].neutral_params(spec)}
     sel = build(name, spec, c["L"], c["seed"], params).select(batch)
     assert torch.equal(sel.ids, batch.ids)
     torch.testing.assert_close(sel.weights, batch.weights, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@settings(max_examples=15, deadline=None)
+@given(c=shapes)
+def test_backends_agree(name, c):
+    """The same rule on each backend (the policy's own choice, no patching): `compiled` takes the
+    numba kernels (output check, fidelity measures, Lynx's selection), `torch` the code a GPU
+    batch runs. Same ids and weights; measures equal but for float32 rounding of the logsumexp
+    behind KL (fidelity_cpu.py)."""
+    spec, batch = make(c)
+    params = config_params(name)
+    out = {}
+    for backend in ("compiled", "torch"):
+        pol = build(name, spec, c["L"], c["seed"], {**params, "backend": backend})
+        assert pol.compiled_path(batch.ids) == (backend == "compiled")
+        out[backend] = pol.select(batch)
+    a, b = out["compiled"], out["torch"]
+    assert torch.equal(a.ids, b.ids)
+    torch.testing.assert_close(a.weights, b.weights, rtol=1e-5, atol=1e-7)  # kernels: float64 from float32 logits
+    for f in a.fidelity.__dataclass_fields__:
+        x, y = getattr(a.fidelity, f).double(), getattr(b.fidelity, f).double()
+        assert torch.allclose(x, y, rtol=1e-6, atol=1e-6, equal_nan=True), f
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if POLICIES[n].decode_only])

@@ -73,11 +73,9 @@ class Roofline:
         self._moe_const_bytes = m.shared_expert_bytes / tp + router_params * m.dense_weight_bytes
         self._moe_flops_per_token = 2.0 * shared_params / tp + 2.0 * router_params
 
-    def _time(self, bytes_, flops, fps) -> np.ndarray:
-        return np.maximum(np.asarray(bytes_, dtype=np.float64) / self.bw, np.asarray(flops, dtype=np.float64) / fps)
-
     def _time1(self, bytes_: float, flops: float, fps: float) -> float:
-        """`_time` of one term, in plain floats (a step prices several; numpy's per-call cost dominates)."""
+        """One term's roofline, max(bytes / bandwidth, FLOPs / FLOP/s), in plain floats (a step
+        prices several; numpy's per-call cost would dominate)."""
         return max(bytes_ / self.bw, flops / fps)
 
     def _tokens_per_rank(self, batch: int) -> int:
@@ -115,18 +113,14 @@ class Roofline:
         flops = m.expert_flops(self.padded(counts, block_m).sum(-1))
         return np.maximum(distinct * m.expert_bytes / self.moe_bw, flops / self.expert_fps) + self.hw.moe_layer_fixed_us * 1e-6
 
-    def _moe_parts(self, expert_tokens: np.ndarray, batch: int | None) -> tuple[np.ndarray, np.ndarray]:
+    def _moe_parts(self, expert_tokens: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
         """Per MoE layer: (compute seconds, collective seconds) of the rank that gates it, [L] each."""
         m = self.model
         L = expert_tokens.shape[0]
-        if not self.par.expert_parallel and batch is not None:  # the step's size: one all-reduce size
+        if not self.par.expert_parallel:  # tensor parallel: one all-reduce of the step's B x H values
             comm = np.full(L, self._hidden_allreduce_s(int(batch)))
             return self._moe_rank_s(expert_tokens, batch), comm
-        tokens = expert_tokens.sum(-1) / m.top_k if batch is None else np.full(L, batch)
-        whole = np.floor(tokens)  # tokens in the layer's all-reduce / dispatch messages
-        if not self.par.expert_parallel:
-            comm = allreduce_s(whole * m.hidden_size * 2, self.par.tp, self.link, self.lat) + np.zeros(L)
-            return self._moe_rank_s(expert_tokens, tokens), comm
+        whole = np.floor(np.full(L, batch))  # tokens in the layer's dispatch messages
         g = self.par.gpus
         if m.num_experts % g:
             raise ValueError(f"parallel.gpus={g} must divide num_experts={m.num_experts} under expert parallelism")
@@ -139,13 +133,14 @@ class Roofline:
         rows = np.arange(len(gate))
         return compute[rows, gate], comm[rows, gate]
 
-    def moe_layers_s(self, expert_tokens: np.ndarray, batch: int | None = None, acted: bool = True) -> np.ndarray:
-        """expert_tokens [L, E] (tokens each expert got) -> seconds per MoE layer [L], collectives
-        and policy overhead included. `batch`: tokens in the step (router and shared experts see
-        all of them whatever a policy dropped); default: assignments / k."""
+    def moe_layers_s(self, expert_tokens: np.ndarray, batch: int, acted: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """The price of the step's MoE layers, the one function that sets it (`step` calls it):
+        expert_tokens [L, E] (tokens each expert got), `batch` the step's tokens (router and
+        shared experts see all of them whatever a policy dropped), `acted`: the policy's rule ran
+        (its overhead is paid). Returns (seconds per MoE layer [L], collectives, policy overhead
+        and the fixed per-layer cost included; of which collectives [L])."""
         compute, comm = self._moe_parts(expert_tokens, batch)
-        fixed = self.hw.moe_layer_fixed_us * 1e-6 + (self.policy_overhead_s if acted else 0.0)
-        return compute + comm + fixed
+        return compute + comm + self.hw.moe_layer_fixed_us * 1e-6 + (self.policy_overhead_s if acted else 0.0), comm
 
     def attention_params(self) -> int:
         """Attention projection weights of one layer (model.py holds the count)."""
@@ -218,8 +213,7 @@ class Roofline:
         `acted`: the policy's rule ran this step (its overhead is paid). A decode step needs only
         these; a step with prefill chunks also gives `attn_pairs` (attention_s) and `lm_tokens`,
         the sequences whose last token goes through the LM head (default: every token)."""
-        compute, comm = self._moe_parts(expert_tokens, batch)
-        moe = compute + comm + self.hw.moe_layer_fixed_us * 1e-6 + (self.policy_overhead_s if acted else 0.0)
+        moe, comm = self.moe_layers_s(expert_tokens, batch, acted)
         policy = self.policy_overhead_s * self.model.num_moe_layers if acted else 0.0
         return StepCost(self.attention_s(batch, context_tokens, attn_pairs), self.dense_ffn_s(batch), float(moe.sum()),
                         self.lm_head_s(batch if lm_tokens is None else lm_tokens), self.hw.step_overhead_us * 1e-6, moe,

@@ -49,7 +49,7 @@ def build_policy_for(model, name: str, conf_model: str | None = None, sets: list
     if conf_model is None:
         raise ValueError(f"--conf-model: no default for model_type {model.config.model_type!r}; name a conf/model entry")
     cfg = compose([f"model={conf_model}", f"policy={name}", f"hardware={hardware}", *[f"policy.{kv}" for kv in sets]])
-    spec = RouterSpec(meta.num_experts, meta.top_k, meta.router, meta.renormalize, meta.n_group, meta.topk_group)
+    spec = RouterSpec.from_meta(meta)
     expert_time_s = expert_bytes(model) / HardwareSpec.from_cfg(cfg.hardware).moe_bandwidth_Bps
     policy = build_policy(cfg.policy, SimpleNamespace(router=spec), expert_time_s=expert_time_s)
     if policy.needs_calibration:

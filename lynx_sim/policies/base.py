@@ -8,6 +8,12 @@ batch vectorise over layers with plain torch reductions; nothing loops over toke
 
 Output convention: ids [L, B, k]; a rule that gives a token fewer than k experts marks the
 unused slots with DROPPED (-1) and weight 0. Every token keeps at least one expert.
+
+Backends: every policy takes `backend` (auto | torch | compiled). Some work has compiled CPU
+kernels (numba): the output check (check_cpu.py), the fidelity measures (fidelity_cpu.py) and
+Lynx's selection (lynx_cpu.py); each has a torch twin, which is what a GPU batch runs. `auto`
+takes the kernels for CPU tensors, `torch` never (the GPU's code path, on any device), `compiled`
+insists on them. `Policy.compiled_path` is the one place that reads the choice.
 """
 
 from __future__ import annotations
@@ -22,6 +28,16 @@ import torch
 
 from ..routing import RouterSpec
 from .fidelity import DROPPED, Fidelity, measure
+from .params import check_choice
+
+BACKENDS = ("auto", "torch", "compiled")
+
+
+def device_type(where) -> str:
+    """'cpu', 'cuda', ... of a tensor, a torch.device or a device string."""
+    if isinstance(where, torch.Tensor):
+        return where.device.type
+    return torch.device(where).type
 
 
 def output_violation(ids: torch.Tensor, weights: torch.Tensor | None, E: int) -> str | None:
@@ -88,14 +104,37 @@ class Policy(ABC):
     needs: ClassVar[tuple[str, ...]] = ("ids",)  # fields of BatchRouting the rule reads
     decode_only: ClassVar[bool] = False  # act only on batches made entirely of decode tokens
     needs_calibration: ClassVar[bool] = False  # learns from trace statistics in `prepare`
-    neutral: ClassVar[dict] = {}  # parameters under which the rule must equal vanilla (tested)
+    neutral: ClassVar[dict] = {}  # parameters under which the rule must equal vanilla (tested; read through
+    # neutral_params(router), which rules whose neutral values depend on the router override)
     layer_state: ClassVar[tuple[str, ...]] = ()  # attributes learned per MoE layer (dim 0), set by prepare
     overhead_us: float = 0.0  # the rule's own GPU time per MoE layer (set from its config by build_policy)
 
-    def __init__(self, ctx: PolicyContext | RouterSpec):
+    def __init__(self, ctx: PolicyContext | RouterSpec, backend: str = "auto"):
         self.ctx = ctx if isinstance(ctx, PolicyContext) else PolicyContext(ctx)
         self.router = self.ctx.router
         self.prepared = False
+        self.backend = check_choice(self.name, "backend", backend, BACKENDS)
+
+    @classmethod
+    def neutral_params(cls, router: RouterSpec) -> dict | None:
+        """Parameters under which the rule must equal vanilla on this router (tested); None: none do."""
+        return cls.neutral
+
+    def compiled_path(self, where) -> bool:
+        """Whether compiled kernels take this policy's work for a batch on `where` (a tensor, a
+        torch.device or a device string): the one place that reads `backend`. Here, for every
+        rule: numba kernels (the output check, the fidelity measures) for CPU tensors under
+        auto and compiled, never under torch; a non-CPU batch under compiled is refused, as
+        lynx_sim has no GPU kernels of its own. Lynx extends it with its selection kernels."""
+        if self.backend == "torch":
+            return False
+        kind = device_type(where)
+        if kind == "cpu":
+            return True
+        if self.backend == "compiled":
+            raise PolicyInputError(f"policy '{self.name}': backend=compiled: its compiled kernels run on CPU tensors, "
+                                   f"this batch is on {kind} (backend=auto takes the torch path there)")
+        return False
 
     def params(self) -> dict:
         """The policy's parameters, for summaries."""
@@ -143,14 +182,17 @@ class Policy(ABC):
             if not (ids is batch.ids and weights is batch.weights):  # the trace's own routing was checked at load
                 self._check_output(batch, ids, weights)
             sel = Selection(ids, weights, acted=True)
-        sel.fidelity = measure(batch, sel.ids, sel.weights, self.router)
+        compiled = self.compiled_path(sel.ids) and device_type(sel.ids) == "cpu" and device_type(batch.ids) == "cpu"
+        sel.fidelity = measure(batch, sel.ids, sel.weights, self.router, compiled=compiled)
         return sel
 
     def _check_output(self, batch: BatchRouting, ids: torch.Tensor, weights: torch.Tensor | None) -> None:
         """A rule's answer must follow the output convention; a violation is a bug in the rule."""
         if ids.shape != batch.ids.shape or ids.dtype != torch.int64:
             bad = f"ids {list(ids.shape)} {ids.dtype}, expected {list(batch.ids.shape)} int64"
-        elif ids.device.type == "cpu" and (weights is None or weights.device.type == "cpu"):
+        elif weights is not None and weights.shape != ids.shape:
+            bad = f"weights {list(weights.shape)}, expected {list(ids.shape)}"
+        elif self.compiled_path(ids) and device_type(ids) == "cpu" and (weights is None or device_type(weights) == "cpu"):
             from .check_cpu import MESSAGES, violation  # one compiled pass (the torch check below is its twin)
 
             w = weights.contiguous().numpy() if weights is not None else np.zeros((1, 1, 1), np.float32)

@@ -7,6 +7,7 @@ layer and decode batch of B tokens:
 
     W[e]  = sum over the batch's slots routed to e of their weight     # [L, E]
     KEEP  = the `budget` experts with the largest W (budget null: B)   # ties: more tokens, then lowest index
+            budget: null, or an int in 1..E (E keeps every expert: neutral)
     slots on experts outside KEEP:
       fallback=truncate:   dropped (`renormalize`, slots.keep_slots)
       fallback=substitute: each takes the token's best kept expert it does not already use
@@ -22,20 +23,18 @@ Choices (ours where the paper leaves room):
   candidate. A substituted slot keeps its original weight. When KEEP has fewer candidates than
   the token has dropped slots, the rest are dropped and `renormalize` applies to them.
 - truncate: a token with none of its experts in KEEP keeps one slot, its top-1 slot
-  (capacity.top1_slots), moved to its best kept expert, with the top-1 weight (the whole original
+  (slots.top1_slots), moved to its best kept expert, with the top-1 weight (the whole original
   sum with renormalize). The budget is therefore never exceeded.
 - Decode-only, as Lynx: MoE-Spec acts on decode-time (verification) batches.
 """
 
 from __future__ import annotations
 
-from numbers import Integral
-
 import torch
 
 from ..routing import RouterSpec, topk_lowest_index
 from .base import BatchRouting, Policy, PolicyContext
-from .params import check_bool
+from .params import check_bool, check_choice, check_int
 from .slots import top1_slots
 from .registry import register
 from .slots import keep_slots
@@ -70,18 +69,18 @@ class BatchBudget(Policy):
     name = "batch_budget"
     needs = ("ids",)  # weights rank experts, logits rank substitutes, when present
     decode_only = True
-    neutral = {"budget": 10**9}
+
+    @classmethod
+    def neutral_params(cls, router: RouterSpec) -> dict:
+        return {"budget": router.num_experts}
 
     def __init__(self, ctx: PolicyContext | RouterSpec, budget: int | None = None, fallback: str = "truncate",
-                 renormalize: bool = True):
-        super().__init__(ctx)
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, Integral) or budget < 1):
-            raise ValueError(f"policy '{self.name}': budget: expected null (the batch size) or an int >= 1, "
-                             f"found {budget!r}")
-        if fallback not in FALLBACKS:
-            raise ValueError(f"policy '{self.name}': fallback: expected one of {FALLBACKS}, found {fallback!r}")
-        self.budget = None if budget is None else int(budget)
-        self.fallback = fallback
+                 renormalize: bool = True, backend: str = "auto"):
+        super().__init__(ctx, backend)
+        E = self.router.num_experts
+        self.budget = None if budget is None else check_int(
+            self.name, "budget", budget, 1, E, f" experts (E={E}), or null for the batch size")
+        self.fallback = check_choice(self.name, "fallback", fallback, FALLBACKS)
         self.renormalize = check_bool(self.name, "renormalize", renormalize)
 
     def params(self) -> dict:

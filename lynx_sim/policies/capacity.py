@@ -16,6 +16,9 @@ Choices (ours where the papers leave room):
   nothing; the simulator's output convention requires at least one expert per token. Protected
   top-1 slots that overflow are kept on top of the C ranked ones, so an expert can exceed C
   only by top-1 assignments.
+- capacity_factor is a finite number in (0, E]: at E / k (<= E) every expert can hold the whole
+  batch, so larger values mean the same (the neutral value); E bounds it for every top-k and
+  keeps C an ordinary integer.
 - C is computed with a 1e-9 tolerance (a float product that lands 1e-16 above an integer does
   not add a slot).
 - Dropped slots follow `renormalize` (slots.keep_slots): true keeps each token's weight sum
@@ -27,14 +30,13 @@ Choices (ours where the papers leave room):
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
 
 from ..routing import RouterSpec
 from .base import BatchRouting, Policy, PolicyContext
 from .fidelity import expert_token_counts
-from .params import check_bool
+from .params import check_bool, check_number
 from .registry import register
 from .slots import keep_slots, top1_slots
 
@@ -63,14 +65,17 @@ class Capacity(Policy):
     name = "capacity"
     needs = ("ids",)  # weights rank the overflow when present
     decode_only = False
-    neutral = {"capacity_factor": 1e9}  # C >= B whenever capacity_factor >= E / k
 
-    def __init__(self, ctx: PolicyContext | RouterSpec, capacity_factor: float = 1.25, renormalize: bool = True):
-        super().__init__(ctx)
-        cf = capacity_factor
-        if isinstance(cf, bool) or not isinstance(cf, Real) or not (math.isfinite(cf) and cf > 0):
-            raise ValueError(f"policy '{self.name}': capacity_factor: expected a finite number > 0, found {cf!r}")
-        self.capacity_factor = float(cf)
+    @classmethod
+    def neutral_params(cls, router: RouterSpec) -> dict:
+        return {"capacity_factor": float(router.num_experts)}  # C >= B whenever capacity_factor >= E / k
+
+    def __init__(self, ctx: PolicyContext | RouterSpec, capacity_factor: float = 1.25, renormalize: bool = True,
+                 backend: str = "auto"):
+        super().__init__(ctx, backend)
+        E = self.router.num_experts
+        self.capacity_factor = check_number(self.name, "capacity_factor", capacity_factor, 0.0, E, lo_open=True,
+                                            why=f" (E={E}; from E / k on nothing is dropped)")
         self.renormalize = check_bool(self.name, "renormalize", renormalize)
 
     def params(self) -> dict:

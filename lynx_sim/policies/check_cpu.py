@@ -3,6 +3,9 @@
 The torch check dispatches about a dozen small ops per call, which on a decode batch cost more
 than the rule itself; this kernel reads each slot once and returns the first violation found
 (0 when none). tests/test_policies_batch.py checks that both versions flag the same outputs.
+It runs without bounds checks: weights must have the ids' shape when read (ValueError otherwise);
+ids are compared, never used as indices. tests/test_kernel_bounds.py runs it with
+NUMBA_BOUNDSCHECK=1 on fuzzed inputs.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ def violation(ids, weights, E, with_weights):
     """ids [L, B, k] int64, weights [L, B, k] float (read when with_weights) -> a code above.
     Where several rules are broken, the one the torch check tests first (the lowest code)."""
     L, B, k = ids.shape
+    if with_weights and weights.shape != ids.shape:
+        raise ValueError("violation: expected weights with the ids' shape [L, B, k]")
     found = BAD_WEIGHT + 1
     for l in range(L):
         for t in range(B):

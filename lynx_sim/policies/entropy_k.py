@@ -20,21 +20,21 @@ Choices:
   toward k.
 - Sigmoid routers score experts independently, so a softmax of their logits is not their
   distribution; they use the top-k weights' entropy.
-- `k_min` above the model's top-k means top-k: every token keeps k (neutral), as do models
-  with k = 1.
+- `k_min` is an int in 1..top_k; k_min = top_k keeps every token's k slots (neutral), as do
+  models with k = 1. gamma is a finite number in (0, 100]: at 100, h ** gamma < 0.006 for every
+  h < 0.95, so larger values mean the same (every token short of near-uniform routing at k_min).
 - Reads weights always (ranking, and the entropy without logits); logits when present.
 """
 
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
 
 import torch
 
 from ..routing import RouterSpec
 from .base import BatchRouting, Policy, PolicyContext
-from .params import check_bool
+from .params import check_bool, check_int, check_number
 from .registry import register
 from .slots import keep_slots
 from .slots import keep_top_n
@@ -44,17 +44,18 @@ from .slots import keep_top_n
 class EntropyK(Policy):
     name = "entropy_k"
     needs = ("ids", "weights")
-    neutral = {"k_min": 10**6}  # any k_min >= the model's top-k
+    GAMMA_MAX = 100.0  # see the module docstring
 
-    def __init__(self, ctx: PolicyContext | RouterSpec, k_min: int = 1, gamma: float = 1.0, renormalize: bool = True):
-        super().__init__(ctx)
-        if isinstance(k_min, bool) or not isinstance(k_min, Integral) or k_min < 1:
-            raise ValueError(f"policy 'entropy_k': k_min: expected an int >= 1 (at most top_k={self.router.top_k} "
-                             f"has an effect), found {k_min!r}")
-        if isinstance(gamma, bool) or not isinstance(gamma, Real) or not math.isfinite(gamma) or gamma <= 0:
-            raise ValueError(f"policy 'entropy_k': gamma: expected a number > 0, found {gamma!r}")
-        check_bool(self.name, "renormalize", renormalize)
-        self.k_min, self.gamma, self.renormalize = int(k_min), float(gamma), renormalize
+    @classmethod
+    def neutral_params(cls, router: RouterSpec) -> dict:
+        return {"k_min": router.top_k}
+
+    def __init__(self, ctx: PolicyContext | RouterSpec, k_min: int = 1, gamma: float = 1.0, renormalize: bool = True,
+                 backend: str = "auto"):
+        super().__init__(ctx, backend)
+        self.k_min = check_int(self.name, "k_min", k_min, 1, self.router.top_k, " (the model's top_k)")
+        self.gamma = check_number(self.name, "gamma", gamma, 0.0, self.GAMMA_MAX, lo_open=True)
+        self.renormalize = check_bool(self.name, "renormalize", renormalize)
 
     def params(self) -> dict:
         return {"k_min": self.k_min, "gamma": self.gamma, "renormalize": self.renormalize}

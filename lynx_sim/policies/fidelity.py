@@ -72,9 +72,17 @@ def kl_to_router(batch: "BatchRouting", ids: torch.Tensor, weights: torch.Tensor
     return term.sum(-1).mean(-1)
 
 
-def measure(batch: "BatchRouting", ids: torch.Tensor, weights: torch.Tensor | None, router: "RouterSpec") -> Fidelity:
-    """All measures of one selection; CPU tensors take the compiled one-pass kernel (fidelity_cpu.py)."""
-    if ids.device.type == "cpu" and batch.ids.device.type == "cpu":
+def measure(batch: "BatchRouting", ids: torch.Tensor, weights: torch.Tensor | None, router: "RouterSpec",
+            compiled: bool | None = None) -> Fidelity:
+    """All measures of one selection: the compiled one-pass kernel (fidelity_cpu.py) when
+    `compiled` (the caller's backend choice, Policy.compiled_path; None: for CPU tensors), else
+    torch reductions (measure_torch, the GPU's path)."""
+    on_cpu = ids.device.type == "cpu" and batch.ids.device.type == "cpu"
+    if compiled is None:
+        compiled = on_cpu
+    if compiled:
+        if not on_cpu:
+            raise ValueError(f"fidelity: the compiled measures take CPU tensors, found {ids.device} and {batch.ids.device}")
         return _measure_cpu(batch, ids, weights, router)
     return measure_torch(batch, ids, weights, router)
 

@@ -5,6 +5,12 @@ this kernel reads each slot once. It computes the same quantities in float64 fro
 log-softmax terms as torch (sums may differ in the last bits);
 tests/test_policies_batch.py checks it against the torch version on random batches with
 dropped slots, ties and every missing input. Used on CPU tensors; the GPU keeps torch.
+
+Safety: it runs without bounds checks, so it first checks what it will index: shapes agree
+(logits and their logsumexp only where it reads them) and every new id lies in -1..E-1 (it
+counts tokens per expert by id); ValueError otherwise. Logits and weights are only compared and
+summed, never turned into indices, so any values (inf, NaN) are safe.
+tests/test_kernel_bounds.py runs it with NUMBA_BOUNDSCHECK=1 on fuzzed inputs.
 """
 
 from __future__ import annotations
@@ -22,6 +28,19 @@ def measure_kernel(orig, w_orig, new, w_new, logits, lse, E, top1_mode, with_kl)
     none), w_new [L, B, k], logits [L, B, E] (unused unless top1_mode == 1 or with_kl), lse [L, B]
     their logsumexp (torch computes it vectorised, once per batch for the policy and vanilla)."""
     L, B, k = orig.shape
+    if new.shape != orig.shape or w_orig.shape != orig.shape or (with_kl and w_new.shape != orig.shape):
+        raise ValueError("measure_kernel: expected orig, new, w_orig (and w_new with KL) all [L, B, k]")
+    if (top1_mode == TOP1_LOGITS or with_kl) and (logits.shape[0] != L or logits.shape[1] != B or logits.shape[2] != E):
+        raise ValueError("measure_kernel: expected logits [L, B, E]")
+    if with_kl and (lse.shape[0] != L or lse.shape[1] != B):
+        raise ValueError("measure_kernel: expected lse [L, B]")
+    if E < 1 or top1_mode < TOP1_WEIGHTS or top1_mode > TOP1_NONE:
+        raise ValueError("measure_kernel: expected E >= 1 and a known top1_mode")
+    for l in range(L):
+        for b in range(B):
+            for j in range(k):
+                if new[l, b, j] < -1 or new[l, b, j] >= E:
+                    raise ValueError("measure_kernel: expected new ids in -1..E-1")
     counts = np.zeros((L, E), np.int64)
     retention = np.empty(L)
     mass = np.empty(L)

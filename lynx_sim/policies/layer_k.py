@@ -19,7 +19,9 @@ lower slot rank, then to the lower layer: with equal gains everywhere (uniform w
 spreads the budget evenly, the remainder to the first layers. Per token, layer l then keeps
 its k_l highest-weight slots, exactly as `static_k` does with k = k_l.
 
-Choices: `mean_k` >= the model's top-k gives every layer k (neutral); the budget rounds half
+Choices: `mean_k` is a finite number in [1, E]; >= the model's top-k gives every layer k
+(neutral). Its bound is E, not top_k, so that one configured value serves models with
+top_k = 1 (a mean of experts per token above E means nothing). The budget rounds half
 up; the calibration routing comes from `Calibration.from_source` (held-out requests where the
 source has them, else in-sample, which the run summary says).
 """
@@ -27,13 +29,12 @@ source has them, else in-sample, which the run summary says).
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
 
 from ..routing import RouterSpec
 from .base import BatchRouting, Policy, PolicyContext, PolicyInputError
-from .params import check_bool
+from .params import check_bool, check_number
 from .registry import register
 from .slots import keep_slots
 from .slots import keep_top_n
@@ -55,15 +56,18 @@ class LayerK(Policy):
     needs = ("ids", "weights")
     needs_calibration = True
     layer_state = ("k_per_layer",)
-    neutral = {"mean_k": 10**6}  # any mean_k >= the model's top-k: every layer keeps k
 
-    def __init__(self, ctx: PolicyContext | RouterSpec, mean_k: float = 1.5, renormalize: bool = True):
-        super().__init__(ctx)
-        if isinstance(mean_k, bool) or not isinstance(mean_k, Real) or not math.isfinite(mean_k) or mean_k < 1:
-            raise ValueError(f"policy 'layer_k': mean_k: expected a number >= 1 (mean experts per token over "
-                             f"the layers; >= top_k={self.router.top_k} changes nothing), found {mean_k!r}")
-        check_bool(self.name, "renormalize", renormalize)
-        self.mean_k, self.renormalize = float(mean_k), renormalize
+    @classmethod
+    def neutral_params(cls, router: RouterSpec) -> dict:
+        return {"mean_k": float(router.top_k)}  # every layer keeps k
+
+    def __init__(self, ctx: PolicyContext | RouterSpec, mean_k: float = 1.5, renormalize: bool = True,
+                 backend: str = "auto"):
+        super().__init__(ctx, backend)
+        E = self.router.num_experts
+        self.mean_k = check_number(self.name, "mean_k", mean_k, 1.0, E,
+                                   why=f" (mean experts per token, at most E={E}; >= top_k={self.router.top_k} changes nothing)")
+        self.renormalize = check_bool(self.name, "renormalize", renormalize)
         self.k_per_layer: torch.Tensor | None = None  # [L] int64, set by prepare
 
     def params(self) -> dict:

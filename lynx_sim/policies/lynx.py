@@ -21,7 +21,18 @@ Tie-break: `lowest_index` as the plugin's repeated argmax; `own_logit` orders eq
 token's own logit first, so a confident token keeps its top-1 even at B = 1.
 
 On the CPU, softmax routers with a beta floor and the plugin's tie-break run the selection in
-compiled kernels (`lynx_cpu.py`), with results equal to the torch path used elsewhere.
+compiled kernels (`lynx_cpu.py`), with results equal to the torch path used elsewhere; on a GPU
+the same configurations in float32 have the Triton kernels of `kernels/lynx_routing.py`, which
+the executor runs. `backend` (auto | torch | compiled) chooses; `compiled_path` says which.
+
+Parameters (checked in the constructor): alpha a finite number in [1e-4, 1e4]: bins are 1/alpha
+logits wide, so narrower bins than 1e-4 would resolve float32 rounding of logits (spacing ~1e-6
+at |z| ~ 10) rather than gaps, wider ones than 1e4 put every expert of any real router in bin 0
+already; alpha stays a normal float32 (the kernels' precision) and alpha x gap cannot be NaN.
+beta an int in 0..8: B**-beta stays a normal float32 for every B up to 55,000 (8 x log2(B) <=
+126), the per-level tables [L, beta + 1, E] stay small, and the plugin's largest default is 4;
+float64 mode refuses batches whose integer keys would round (see above). Router logits must be
+finite (traces guarantee it; a NaN or inf logit is refused with its layer and token).
 
 Router kinds: softmax (as above); sigmoid (bins on raw logits, no beta floor, sigmoid of the
 chosen logits as weights); grouped top-k (DeepSeek-V2/V3): bins and batch scores on the raw
@@ -36,11 +47,20 @@ from __future__ import annotations
 import torch
 
 from ..routing import RouterSpec, group_mask, route, topk_lowest_index, topk_set
-from .base import BatchRouting, Policy, PolicyContext
+from .base import BatchRouting, Policy, PolicyContext, PolicyInputError, device_type
+from .params import check_choice, check_int, check_number
 from .registry import register
 
 ARITHMETIC = {"float32": torch.float32, "float64": torch.float64}
 TIE_BREAKS = ("lowest_index", "own_logit")
+ALPHA_MIN, ALPHA_MAX = 1e-4, 1e4  # bin widths 1/alpha from 1e-4 to 1e4 logits (module docstring says why)
+BETA_MAX = 8  # B**-beta normal in float32 for B <= 55,000; tables [L, beta + 1, E] small
+
+
+def nonfinite_logits(layer: int, token: int) -> PolicyInputError:
+    """The refusal of a batch with a NaN or infinite logit, naming the first such (layer, token)."""
+    return PolicyInputError(f"policy 'lynx': logits: expected finite values, found a NaN or infinite logit "
+                            f"at layer {layer}, token {token}")
 
 
 @register
@@ -51,21 +71,45 @@ class Lynx(Policy):
     neutral = None  # no parameter makes Lynx the identity: alpha -> inf still ties inside bin 0
 
     def __init__(self, ctx: PolicyContext | RouterSpec, alpha: float, beta: int | None, arithmetic: str = "float32",
-                 tie_break: str = "lowest_index"):
-        super().__init__(ctx)
+                 tie_break: str = "lowest_index", backend: str = "auto"):
+        super().__init__(ctx, backend)
         router = self.router
-        if not alpha > 0:
-            raise ValueError(f"policy 'lynx': alpha: expected > 0, found {alpha}")
-        if router.kind == "sigmoid":
-            beta = None  # sigmoid routers bin without a floor (LYNX.md section 3, router variants)
-        elif beta is None or int(beta) < 0:
-            raise ValueError(f"policy 'lynx': beta: expected an int >= 0 for a {router.kind} router, found {beta}")
-        if arithmetic not in ARITHMETIC:
-            raise ValueError(f"policy 'lynx': arithmetic: expected one of {sorted(ARITHMETIC)}, found {arithmetic!r}")
-        if tie_break not in TIE_BREAKS:
-            raise ValueError(f"policy 'lynx': tie_break: expected one of {TIE_BREAKS}, found {tie_break!r}")
-        self.alpha, self.beta = float(alpha), None if beta is None else int(beta)
-        self.arithmetic, self.tie_break = arithmetic, tie_break
+        self.alpha = check_number(self.name, "alpha", alpha, ALPHA_MIN, ALPHA_MAX)
+        sigmoid = router.kind == "sigmoid"  # sigmoid routers bin without a floor (LYNX.md section 3, router variants)
+        if beta is not None or not sigmoid:
+            beta = check_int(self.name, "beta", beta, 0, BETA_MAX, "" if sigmoid else f" for a {router.kind} router")
+        self.beta = None if sigmoid else beta
+        self.arithmetic = check_choice(self.name, "arithmetic", arithmetic, tuple(ARITHMETIC))
+        self.tie_break = check_choice(self.name, "tie_break", tie_break, TIE_BREAKS)
+        # the configurations the compiled kernels implement (numba on the CPU, Triton on a GPU)
+        self._kernel_rule = router.kind == "softmax" and self.beta is not None and self.tie_break == "lowest_index"
+        if self.backend == "compiled" and not self._kernel_rule:
+            raise ValueError(f"policy 'lynx': backend: expected auto or torch for a {router.kind} router with "
+                             f"tie_break={self.tie_break} (the compiled kernels cover softmax routers with a beta floor "
+                             f"and tie_break=lowest_index), found 'compiled'")
+
+    def compiled_path(self, where) -> bool:
+        """Policy.compiled_path, with Lynx's selection kernels: for CPU tensors numba (lynx_cpu.py,
+        either arithmetic, for the configurations `_kernel_rule` names; other configurations keep
+        the compiled check and measures, and select in torch); for a GPU batch the Triton kernels
+        of kernels/lynx_routing.py (float32 only), which the executor launches and checks against
+        this policy, while lynx_sim itself runs the torch path there."""
+        if device_type(where) != "cpu" and self.backend != "torch" and self._kernel_rule and self.arithmetic == "float32":
+            return True
+        return super().compiled_path(where)
+
+    def _select_compiled(self, Z: torch.Tensor) -> bool:
+        """The numba selection takes this batch: a CPU batch the compiled path takes, a kernel configuration."""
+        return self._kernel_rule and device_type(Z) == "cpu" and self.compiled_path(Z)
+
+    def _row_max(self, Z: torch.Tensor) -> torch.Tensor:
+        """max_e Z, [L, B, 1], after checking that every logit is finite (a NaN or inf would make
+        a bin NaN, and bins index the per-level tables)."""
+        hi, lo = Z.amax(-1, keepdim=True), Z.amin(-1, keepdim=True)
+        ok = torch.isfinite(hi) & torch.isfinite(lo)  # [L, B, 1]: NaN propagates into both
+        if not bool(ok.all()):
+            raise nonfinite_logits(*(~ok[..., 0]).nonzero()[0].tolist())
+        return hi
 
     def params(self) -> dict:
         return {"alpha": self.alpha, "beta": self.beta, "arithmetic": self.arithmetic, "tie_break": self.tie_break}
@@ -79,7 +123,7 @@ class Lynx(Policy):
         """
         Z = logits.to(ARITHMETIC[self.arithmetic])
         B = Z.shape[-2]
-        bins = torch.ceil(self.alpha * (Z - Z.amax(-1, keepdim=True)))
+        bins = torch.ceil(self.alpha * (Z - self._row_max(Z)))
         if self.beta is not None:
             bins = bins.clamp_min(-self.beta)
         if self.arithmetic == "float64" and self.beta is not None:
@@ -98,7 +142,7 @@ class Lynx(Policy):
         dev = bins.device
         levels = -torch.arange(self.beta + 1, dtype=dtype, device=dev)
         table = torch.pow(torch.tensor(float(B), dtype=dtype, device=dev), levels)  # [J]
-        if bins.device.type == "cpu":  # one compiled pass; counts are integers, so exact either way
+        if device_type(bins) == "cpu" and self.compiled_path(bins):  # one compiled pass; counts are integers: exact
             from .lynx_cpu import level_counts
 
             n = torch.from_numpy(level_counts(bins.contiguous().numpy(), self.beta + 1)).to(dtype)  # [L, J, E]
@@ -128,7 +172,7 @@ class Lynx(Policy):
         """Plain top-k of the key with the configured tie-break (the reference path)."""
         k = self.router.top_k
         if self.router.kind == "grouped_topk":  # a token may pick only inside its own groups
-            key = key.masked_fill(~group_mask(torch.softmax(logits, dim=-1), self.router), float("-inf"))
+            key = key.masked_fill(~group_mask(logits, self.router), float("-inf"))
         if self.tie_break == "own_logit":
             by_logit = torch.sort(logits, dim=-1, descending=True, stable=True).indices
             order = torch.sort(key.gather(-1, by_logit), dim=-1, descending=True, stable=True).indices
@@ -146,7 +190,7 @@ class Lynx(Policy):
         that level rank by a per-layer value v_j[e] = j + (S[e] - B**j) / B, computed with the
         very operations the per-element key uses (bit-identical in either arithmetic)."""
         L, B, E = Z.shape
-        bins = torch.ceil(self.alpha * (Z - Z.amax(-1, keepdim=True))).clamp_min_(-self.beta)  # [L, B, E]
+        bins = torch.ceil(self.alpha * (Z - self._row_max(Z))).clamp_min_(-self.beta)  # [L, B, E]
         base = torch.tensor(float(B), dtype=Z.dtype, device=Z.device)
         levels = -torch.arange(self.beta + 1, dtype=Z.dtype, device=Z.device)  # [J]: 0, -1, ..., -beta
         if self.arithmetic == "float64":  # integer-scaled, as keys(): exact
@@ -170,7 +214,7 @@ class Lynx(Policy):
         own = torch.gather(rank, 1, (-bins).long()).to(Z.dtype)  # [L, B, E]
         score = bins * E + (E - 1) - own
         if self.router.kind == "grouped_topk":
-            score = score.masked_fill(~group_mask(torch.softmax(Z, dim=-1), self.router), float("-inf"))
+            score = score.masked_fill(~group_mask(Z, self.router), float("-inf"))
         return score
 
     def keep_mask(self, logits: torch.Tensor) -> torch.Tensor:
@@ -181,7 +225,7 @@ class Lynx(Policy):
 
     def route(self, batch: BatchRouting):
         Z = batch.logits.to(ARITHMETIC[self.arithmetic])  # [L, B, E]
-        if self._compiled_path(Z):
+        if self._select_compiled(Z):
             return self._route_compiled(Z)
         keep = self.keep_mask(Z)
         if self.router.kind != "softmax":
@@ -198,17 +242,14 @@ class Lynx(Policy):
             w = w * self._topk_mass(Z, batch)
         return ids, w.float()
 
-    def _compiled_path(self, Z: torch.Tensor) -> bool:
-        """The numba selection serves softmax routers with a beta floor and the plugin's tie-break, on the CPU."""
-        return (Z.device.type == "cpu" and self.router.kind == "softmax" and self.beta is not None
-                and self.tie_break == "lowest_index")
-
     def _route_compiled(self, Z: torch.Tensor):
         from . import lynx_cpu
 
         z = Z.contiguous().numpy()
         if self.arithmetic == "float32":  # one compiled pass, bit-identical to _rank_tables
-            bins, rank, floor_order = lynx_cpu.rank_tables_f32(z, self.alpha, self.beta, self._level_table(Z.shape[1]))
+            bins, rank, floor_order, bad = lynx_cpu.rank_tables_f32(z, self.alpha, self.beta, self._level_table(Z.shape[1]))
+            if bad >= 0:
+                raise nonfinite_logits(*divmod(bad, Z.shape[1]))
         else:
             bins, rank = (t.numpy() for t in self._rank_tables(Z))
             floor_order = self._floor_order.contiguous().numpy()

@@ -11,6 +11,12 @@
 On the CPU they are several times faster than sorting or partitioning every row
 (benchmarks/RESULTS.md); results equal the torch path, which the GPU uses (tests/test_lynx.py
 checks it on random inputs with ties, in both arithmetics).
+
+Safety: the kernels run without bounds checks, so every index derived from data is checked
+first: shapes agree, 1 <= k <= E, bins lie in {-beta..0} (a NaN bin would otherwise become an
+index), and a non-finite logit makes `rank_tables_f32` report its row instead of binning it.
+A violated check raises ValueError (a caller's bug; Lynx validates its inputs before).
+tests/test_kernel_bounds.py runs every kernel with NUMBA_BOUNDSCHECK=1 on fuzzed inputs.
 """
 
 from __future__ import annotations
@@ -34,6 +40,28 @@ def _insert(vals, idx, n, v, e):
     idx[j] = e
 
 
+@njit(cache=True, nogil=True)
+def _check_select(bins, rank, floor_order, logits, k):
+    """The selections' preconditions (see Safety above)."""
+    L, B, E = logits.shape
+    if bins.shape != logits.shape or rank.shape[0] != L or rank.shape[2] != E or rank.shape[1] < 1:
+        raise ValueError("lynx_cpu: expected bins [L, B, E] as logits and rank [L, J >= 1, E]")
+    if floor_order.shape[0] != L or floor_order.shape[1] != E:
+        raise ValueError("lynx_cpu: expected floor_order [L, E]")
+    if k < 1 or k > E:
+        raise ValueError("lynx_cpu: expected 1 <= k <= E")
+    floor = -(rank.shape[1] - 1)
+    for l in range(L):
+        for t in range(B):
+            for e in range(E):
+                b = bins[l, t, e]
+                if not (b >= floor and b <= 0):  # also false for NaN
+                    raise ValueError("lynx_cpu: expected bins in -beta..0 (finite logits)")
+        for e in range(E):
+            if floor_order[l, e] < 0 or floor_order[l, e] >= E:
+                raise ValueError("lynx_cpu: expected floor_order to hold expert ids 0..E-1")
+
+
 @njit(cache=True, nogil=True, boundscheck=False)
 def lynx_select(bins, rank, floor_order, logits, k, with_mass):
     """bins [L, B, E] (0..-beta), rank [L, J, E] int64 (rank of each expert inside each level),
@@ -42,6 +70,7 @@ def lynx_select(bins, rank, floor_order, logits, k, with_mass):
     Returns keep [L, E] bool, ids [L, B, k] int64 (falling logit) and their weights [L, B, k]:
     the softmax of the k chosen logits, times the row's top-k softmax mass when with_mass (for
     models that do not renormalise)."""
+    _check_select(bins, rank, floor_order, logits, k)
     L, B, E = logits.shape
     J = rank.shape[1]
     floor = -(J - 1)
@@ -69,6 +98,8 @@ def lynx_select(bins, rank, floor_order, logits, k, with_mass):
                         n = min(n + 1, k)
             r = 0
             while n < k:
+                if r >= E:  # fewer experts in the floor level than slots left: rank tables inconsistent
+                    raise ValueError("lynx_cpu: floor_order does not complete the picks")
                 e = floor_order[l, r]
                 r += 1
                 if np.int64(bins[l, t, e]) == floor:
@@ -133,6 +164,7 @@ def lynx_select_batched(bins, rank, floor_order, logits, k, with_mass):
     (Mixtral B=64: 56 vs 204 us), slower beyond (E=128, B=256: its buffers leave the cache).
     `floor_order` is unused: the scores of one token are unique integers, so the passes need no
     tie-break; in the remap, strict > keeps the lowest expert index among equal logits."""
+    _check_select(bins, rank, floor_order, logits, k)
     L, B, E = logits.shape
     keep = np.zeros((L, E), dtype=np.bool_)
     ids = np.empty((L, B, k), dtype=np.int64)
@@ -206,9 +238,14 @@ def rank_tables_f32(Z, alpha, beta, table):
 
     Same float32 operations, in the same order, as the torch path: bin = max(-beta,
     ceil(alpha x (z - max z))); S[e] = sum_j n_j[e] x table[j] (table[j] = B**-j, float32,
-    computed by torch); v_j[e] = -j + (S[e] - table[j]) / B; ranks by a stable descending sort."""
+    computed by torch); v_j[e] = -j + (S[e] - table[j]) / B; ranks by a stable descending sort.
+
+    The fourth result is -1, or the flat row l x B + t of the first row holding a non-finite
+    logit, where the kernel stops (the other results are then incomplete)."""
     L, B, E = Z.shape
     J = beta + 1
+    if beta < 0 or table.shape[0] < J or E < 1 or not alpha > 0:
+        raise ValueError("lynx_cpu: expected beta >= 0, alpha > 0, E >= 1 and table [beta + 1]")
     a = np.float32(alpha)
     floor = np.float32(-beta)
     Bf = np.float32(B)
@@ -222,13 +259,19 @@ def rank_tables_f32(Z, alpha, beta, table):
         n[:, :] = 0
         for t in range(B):
             zmax = Z[l, t, 0]
+            finite = np.isfinite(zmax)
             for e in range(1, E):
+                finite &= np.isfinite(Z[l, t, e])
                 if Z[l, t, e] > zmax:
                     zmax = Z[l, t, e]
+            if not finite:
+                return bins, rank, floor_order, l * B + t
             for e in range(E):
                 b = np.float32(np.ceil(a * (Z[l, t, e] - zmax)))
                 if b < floor:
                     b = floor
+                if not b <= 0:  # finite logits and alpha > 0 make this impossible; never index with it
+                    raise ValueError("lynx_cpu: a bin above 0")
                 bins[l, t, e] = b
                 n[-np.int64(b), e] += 1
         for e in range(E):
@@ -244,16 +287,21 @@ def rank_tables_f32(Z, alpha, beta, table):
                 rank[l, j, order[r]] = r
             if j == J - 1:
                 floor_order[l, :] = order
-    return bins, rank, floor_order
+    return bins, rank, floor_order, -1
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def level_counts(bins, levels):
-    """n[l, j, e]: tokens with expert e in bin -j, [L, J, E] int64 (exact: integers)."""
+    """n[l, j, e]: tokens with expert e in bin -j, [L, J, E] int64 (exact: integers); bins
+    must lie in {-(levels - 1)..0} (ValueError otherwise, NaN included)."""
     L, B, E = bins.shape
     n = np.zeros((L, levels, E), dtype=np.int64)
+    floor = -(levels - 1)
     for l in range(L):
         for t in range(B):
             for e in range(E):
-                n[l, -np.int64(bins[l, t, e]), e] += 1
+                b = bins[l, t, e]
+                if not (b >= floor and b <= 0):
+                    raise ValueError("lynx_cpu: expected bins in -(levels - 1)..0")
+                n[l, -np.int64(b), e] += 1
     return n

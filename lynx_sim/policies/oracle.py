@@ -15,9 +15,12 @@ optimum is exact and greedy:
 No routing-only rule that truncates can reach a lower J on the same batch; the tests check this
 against brute force over all subsets. Choices:
 - Ties (lambda W[e] = t) are kept; an expert the batch does not use has W = 0 and is never
-  needed. lambda_us = inf keeps every used expert (neutral); lambda_us = 0 keeps none, so every
-  token falls back to its top-1.
-- Repair: a token left with no expert keeps its top-1 slot (capacity.top1_slots). This adds
+  needed. lambda_us is a finite number in [0, 1e9]: at 1e9 (1000 s of layer time per unit of
+  mass) the threshold t / lambda is below 1e-9 for any expert time under 1 ms, so every expert
+  carrying more than that share of one token's weight is kept (the neutral value); lambda_us = 0
+  keeps none, so every token falls back to its top-1. expert_time_us: null or a finite number in
+  [0, 1e6] (a second per expert already exceeds any GPU's by three orders of magnitude).
+- Repair: a token left with no expert keeps its top-1 slot (slots.top1_slots). This adds
   experts the optimum dropped, so the output can cost more than min J: the bound is exact only
   where the repair does not trigger.
 - `expert_time_us` (null: use the context) overrides t when given; with neither, t = 0 (a bare
@@ -29,14 +32,13 @@ against brute force over all subsets. Choices:
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
 
 from ..routing import RouterSpec
 from .base import BatchRouting, Policy, PolicyContext
 from .batch_budget import expert_mass
-from .params import check_bool
+from .params import check_bool, check_number
 from .slots import top1_slots
 from .registry import register
 from .slots import keep_slots
@@ -47,20 +49,16 @@ class Oracle(Policy):
     name = "oracle"
     needs = ("ids",)  # weights price the lost mass when present
     decode_only = True
-    neutral = {"lambda_us": float("inf")}
+    LAMBDA_MAX_US, EXPERT_TIME_MAX_US = 1e9, 1e6  # see the module docstring
+    neutral = {"lambda_us": LAMBDA_MAX_US}
 
     def __init__(self, ctx: PolicyContext | RouterSpec, lambda_us: float = 100.0, expert_time_us: float | None = None,
-                 renormalize: bool = True):
-        super().__init__(ctx)
-        lam = lambda_us
-        if isinstance(lam, bool) or not isinstance(lam, Real) or math.isnan(lam) or lam < 0:
-            raise ValueError(f"policy '{self.name}': lambda_us: expected a number >= 0 (inf allowed), found {lam!r}")
-        t = expert_time_us
-        if t is not None and (isinstance(t, bool) or not isinstance(t, Real) or not (math.isfinite(t) and t >= 0)):
-            raise ValueError(f"policy '{self.name}': expert_time_us: expected null (the cost model's) or a finite "
-                             f"number >= 0, found {t!r}")
-        self.lambda_us = float(lam)
-        self.expert_time_us = None if t is None else float(t)
+                 renormalize: bool = True, backend: str = "auto"):
+        super().__init__(ctx, backend)
+        self.lambda_us = check_number(self.name, "lambda_us", lambda_us, 0.0, self.LAMBDA_MAX_US)
+        self.expert_time_us = None if expert_time_us is None else check_number(
+            self.name, "expert_time_us", expert_time_us, 0.0, self.EXPERT_TIME_MAX_US,
+            why=", or null for the cost model's")
         self.renormalize = check_bool(self.name, "renormalize", renormalize)
 
     def params(self) -> dict:

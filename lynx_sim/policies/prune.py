@@ -16,7 +16,7 @@ Tokens whose experts are all kept are left exactly as the model routed them. The
   on the n kept columns alone (the same result, tested, for less work). Each token gets k kept
   experts, or all n when n < k (the other slots DROPPED);
 - without logits: their pruned slots are dropped (`renormalize`, slots.keep_slots), and a token
-  left with none keeps its top-1 slot (capacity.top1_slots) although that expert is pruned: a
+  left with none keeps its top-1 slot (slots.top1_slots) although that expert is pruned: a
   trace without logits cannot say which kept expert the router would pick instead. This
   fallback loads a pruned expert, so the rule is then not strictly static.
 Only the affected tokens are re-routed, so keep_fraction = 1 returns the model's own routing
@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from numbers import Real
 
 import torch
 
 from ..routing import RouterSpec, group_mask, route, topk_lowest_index
 from .base import BatchRouting, Policy, PolicyContext, PolicyInputError
-from .params import check_bool
+from .params import check_bool, check_number
 from .slots import top1_slots
 from .fidelity import DROPPED
 from .registry import register
@@ -64,7 +63,7 @@ def route_among(logits: torch.Tensor, router: RouterSpec, kept: torch.Tensor) ->
     allowed = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, kept, True)  # [M, E]
     z = logits.masked_fill(~allowed, float("-inf"))  # the pruned router: those rows are gone
     ids, raw = route(z, dataclasses.replace(router, renormalize=False), allowed=allowed)
-    allowed = allowed & group_mask(torch.softmax(z, dim=-1), router)  # as route() chose the groups
+    allowed = allowed & group_mask(z, router)  # as route() chooses the groups: on the logits
     valid = allowed.gather(-1, ids)  # [M, k]
     w = torch.where(valid, raw, torch.zeros_like(raw))
     if router.renormalize:
@@ -81,12 +80,10 @@ class Prune(Policy):
     layer_state = ("kept", "kept_list")
     neutral = {"keep_fraction": 1.0}
 
-    def __init__(self, ctx: PolicyContext | RouterSpec, keep_fraction: float = 0.75, renormalize: bool = True):
-        super().__init__(ctx)
-        f = keep_fraction
-        if isinstance(f, bool) or not isinstance(f, Real) or not 0 < f <= 1:
-            raise ValueError(f"policy '{self.name}': keep_fraction: expected a number in (0, 1], found {f!r}")
-        self.keep_fraction = float(f)
+    def __init__(self, ctx: PolicyContext | RouterSpec, keep_fraction: float = 0.75, renormalize: bool = True,
+                 backend: str = "auto"):
+        super().__init__(ctx, backend)
+        self.keep_fraction = check_number(self.name, "keep_fraction", keep_fraction, 0.0, 1.0, lo_open=True)
         self.renormalize = check_bool(self.name, "renormalize", renormalize)
         self.kept: torch.Tensor | None = None  # [L, E] bool, set by prepare
         self.kept_list: torch.Tensor | None = None  # [L, n] the kept experts, ascending

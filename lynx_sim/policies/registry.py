@@ -8,6 +8,7 @@ if TYPE_CHECKING:
     from .base import Policy
 
 POLICIES: dict[str, type["Policy"]] = {}
+OVERHEAD_MAX_US = 1e6  # a second per MoE layer: far beyond any routing kernel, yet finite
 
 
 def register(cls: type["Policy"]) -> type["Policy"]:
@@ -23,20 +24,22 @@ def register(cls: type["Policy"]) -> type["Policy"]:
 def build_policy(cfg, model, expert_time_s: float = 0.0) -> "Policy":
     """Instantiate the policy a `conf/policy/*.yaml` node describes, for a ModelSpec.
 
+    Every key but `name` and `overhead_us` goes to the policy's constructor, which checks it
+    (`backend` too, where a config sets it: `++policy.backend=torch`). `overhead_us`, the rule's
+    own GPU time per MoE layer for the cost model, is checked here: a finite number in [0, 1e6].
     `expert_time_s`: the cost model's time for one more distinct expert in a decode MoE layer
     (only cost-aware rules read it)."""
     from .base import PolicyContext
+    from .params import check_number
 
     params = {k: v for k, v in dict(cfg).items() if k not in ("name", "overhead_us")}
     name = cfg["name"]
     if name not in POLICIES:
         raise ValueError(f"unknown policy '{name}': registered policies are {sorted(POLICIES)}")
+    overhead = check_number(name, "overhead_us", cfg.get("overhead_us", 0.0), 0.0, OVERHEAD_MAX_US)
     try:
         policy = POLICIES[name](PolicyContext(model.router, expert_time_s), **params)
     except TypeError as e:
         raise ValueError(f"policy '{name}': bad parameters {params}: {e}") from None
-    overhead = cfg.get("overhead_us", 0.0) or 0.0
-    if not overhead >= 0:
-        raise ValueError(f"policy '{name}': overhead_us: expected a number >= 0, found {overhead!r}")
-    policy.overhead_us = float(overhead)  # the rule's own GPU time per MoE layer, for the cost model
+    policy.overhead_us = overhead
     return policy

@@ -18,8 +18,8 @@ calibration data, which a routing-only simulator cannot recompute):
   co-count / sqrt(count_a count_b)). Undefined entries (an expert constant or never used in
   calibration) are 0.
 - A token's top-S: its S largest-weight slots (ties to the lower slot); by logit without
-  weights; slots 0..S-1 with ids only (ordered ids assumed). top_s >= k keeps every slot
-  (neutral). Slots on experts outside KEEP are re-routed one rank at a time, strongest first, so
+  weights; slots 0..S-1 with ids only (ordered ids assumed). top_s is an int in 1..k; top_s = k
+  keeps every slot (neutral). rho is a finite number in [-1, 1] (a correlation or cosine). Slots on experts outside KEEP are re-routed one rank at a time, strongest first, so
   a token's re-routed slots never collide; ties in similarity go to the lowest expert index.
 - A re-routed slot keeps its original weight (the paper re-routes the assignment, not the gate).
 - Every token keeps its top-1 (it is in KEEP). Decode-only, as Lynx: SERE targets batch decoding.
@@ -27,14 +27,11 @@ calibration data, which a routing-only simulator cannot recompute):
 
 from __future__ import annotations
 
-import math
-from numbers import Integral, Real
-
 import torch
 
 from ..routing import RouterSpec
 from .base import BatchRouting, Policy, PolicyContext, PolicyInputError
-from .params import check_bool
+from .params import check_bool, check_int, check_number
 from .registry import register
 from .slots import keep_slots
 
@@ -79,15 +76,16 @@ class Sere(Policy):
     decode_only = True
     needs_calibration = True
     layer_state = ("sim",)
-    neutral = {"top_s": 10**9}
 
-    def __init__(self, ctx: PolicyContext | RouterSpec, top_s: int = 1, rho: float = 0.0, renormalize: bool = True):
-        super().__init__(ctx)
-        if isinstance(top_s, bool) or not isinstance(top_s, Integral) or top_s < 1:
-            raise ValueError(f"policy '{self.name}': top_s: expected an int >= 1, found {top_s!r}")
-        if isinstance(rho, bool) or not isinstance(rho, Real) or not (math.isfinite(rho) and -1 <= rho <= 1):
-            raise ValueError(f"policy '{self.name}': rho: expected a number in [-1, 1], found {rho!r}")
-        self.top_s, self.rho = int(top_s), float(rho)
+    @classmethod
+    def neutral_params(cls, router: RouterSpec) -> dict:
+        return {"top_s": router.top_k}
+
+    def __init__(self, ctx: PolicyContext | RouterSpec, top_s: int = 1, rho: float = 0.0, renormalize: bool = True,
+                 backend: str = "auto"):
+        super().__init__(ctx, backend)
+        self.top_s = check_int(self.name, "top_s", top_s, 1, self.router.top_k, " (the model's top_k)")
+        self.rho = check_number(self.name, "rho", rho, -1.0, 1.0)
         self.renormalize = check_bool(self.name, "renormalize", renormalize)
         self.sim: torch.Tensor | None = None  # [L, E, E], set by prepare
         self.sim_kind = None  # "logit_pearson" or "coactivation_cosine"

@@ -6,8 +6,8 @@ k slots ranked by falling weight (`slots.by_weight`: ties to the lower slot), ke
 `k`; the others become DROPPED.
 
 Choices (no paper fixes them):
-- `k` above the model's top-k means the model's top-k (no-op), so one config works for every
-  model and `neutral` can be model-independent.
+- `k` is an int in 1..top_k (k = top_k is the model's own routing, the neutral value); larger
+  values are refused as meaningless rather than read as top_k.
 - Reads weights: slots are ranked by them, and a trace without weights has unordered ids
   (lynx_sim/traces/convert.py), so there is nothing to rank by; select() refuses such a batch.
 - Kept slots stay in their original positions (only the dropped ones change), so a neutral k
@@ -17,12 +17,9 @@ Choices (no paper fixes them):
 
 from __future__ import annotations
 
-from numbers import Integral
-
-
 from ..routing import RouterSpec
 from .base import BatchRouting, Policy, PolicyContext
-from .params import check_bool
+from .params import check_bool, check_int
 from .registry import register
 from .slots import keep_slots, keep_top_n
 
@@ -31,15 +28,15 @@ from .slots import keep_slots, keep_top_n
 class StaticK(Policy):
     name = "static_k"
     needs = ("ids", "weights")
-    neutral = {"k": 10**6}  # any k >= the model's top-k
 
-    def __init__(self, ctx: PolicyContext | RouterSpec, k: int = 1, renormalize: bool = True):
-        super().__init__(ctx)
-        if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
-            raise ValueError(f"policy 'static_k': k: expected an int >= 1 (at most top_k={self.router.top_k} "
-                             f"has an effect), found {k!r}")
-        check_bool(self.name, "renormalize", renormalize)
-        self.k, self.renormalize = int(k), renormalize
+    @classmethod
+    def neutral_params(cls, router: RouterSpec) -> dict:
+        return {"k": router.top_k}
+
+    def __init__(self, ctx: PolicyContext | RouterSpec, k: int = 1, renormalize: bool = True, backend: str = "auto"):
+        super().__init__(ctx, backend)
+        self.k = check_int(self.name, "k", k, 1, self.router.top_k, " (the model's top_k)")
+        self.renormalize = check_bool(self.name, "renormalize", renormalize)
 
     def params(self) -> dict:
         return {"k": self.k, "renormalize": self.renormalize}

@@ -16,8 +16,8 @@ class ThresholdSkip(Policy):
     neutral = {"threshold": 0.0}
     default_threshold = 0.5
 
-    def __init__(self, ctx: PolicyContext | RouterSpec, threshold=None, renormalize: bool = True):
-        super().__init__(ctx)
+    def __init__(self, ctx: PolicyContext | RouterSpec, threshold=None, renormalize: bool = True, backend: str = "auto"):
+        super().__init__(ctx, backend)
         self.threshold = parse_threshold(self.name, self.default_threshold if threshold is None else threshold, 0.0, 1.0)
         self.renormalize = check_bool(self.name, "renormalize", renormalize)
 

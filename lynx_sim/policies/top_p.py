@@ -16,15 +16,12 @@ and non-renormalising routers. "Reaches" is >= p, sums are in float64. p = 1 kee
 
 from __future__ import annotations
 
-import math
-from numbers import Real
-
 import torch
 import torch.nn.functional as F
 
 from ..routing import RouterSpec
 from .base import BatchRouting, Policy, PolicyContext
-from .params import check_bool
+from .params import check_bool, check_number
 from .registry import register
 from .slots import by_weight, keep_slots
 
@@ -35,12 +32,10 @@ class TopP(Policy):
     needs = ("ids", "weights")
     neutral = {"p": 1.0}
 
-    def __init__(self, ctx: PolicyContext | RouterSpec, p: float = 0.9, renormalize: bool = True):
-        super().__init__(ctx)
-        if isinstance(p, bool) or not isinstance(p, Real) or not math.isfinite(p) or not 0 < p <= 1:
-            raise ValueError(f"policy 'top_p': p: expected 0 < p <= 1, found {p!r}")
-        check_bool(self.name, "renormalize", renormalize)
-        self.p, self.renormalize = float(p), renormalize
+    def __init__(self, ctx: PolicyContext | RouterSpec, p: float = 0.9, renormalize: bool = True, backend: str = "auto"):
+        super().__init__(ctx, backend)
+        self.p = check_number(self.name, "p", p, 0.0, 1.0, lo_open=True)
+        self.renormalize = check_bool(self.name, "renormalize", renormalize)
 
     def params(self) -> dict:
         return {"p": self.p, "renormalize": self.renormalize}
