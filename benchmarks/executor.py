@@ -69,7 +69,7 @@ def main(argv=None) -> int:
                             f"executor.layers={a.layers}", f"executor.repeats={a.repeats}", *traces.get(model, [])]
                     if a.cpu:
                         over.append("executor.device=cpu")
-                    s = run(compose(over), Path(tmp) / f"{model}_{B}_{pol}")
+                    s = run(compose(over, config_name="executor"), Path(tmp) / f"{model}_{B}_{pol}")
                     rows.append({"model": model, "batch": B, "policy": pol, "trace": "reference" if model in traces else "synthetic",
                                  "measured_speedup": s["measured_moe_speedup"], "predicted_speedup": s["predicted_moe_speedup"],
                                  "moe_layer_us": s["moe_layer_us"], "distinct_experts": s["distinct_experts"],

@@ -1,6 +1,8 @@
-"""Hydra entry point: `python -m executor policy=lynx batch=64` (the simulator's conf/).
+"""Hydra entry point: `python -m executor policy=lynx batch=64` (conf/executor.yaml: the
+simulator's config plus the `executor` node).
 
-Exits with status 2 and a message when no GPU is present, unless executor.device=cpu."""
+A bad setting, or no GPU present (unless executor.device=cpu), is one line on stderr and exit
+status 2, as for `python -m lynx_sim` (lynx_sim/config.py)."""
 
 from __future__ import annotations
 
@@ -9,15 +11,18 @@ import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
+from lynx_sim.config import precheck, refusals
+
 from .device import NoGPUError
 from .run import run
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="config")
+@hydra.main(version_base=None, config_path="../conf", config_name="executor")
 def main(cfg) -> None:
     try:
-        s = run(cfg, HydraConfig.get().runtime.output_dir)
-    except (NoGPUError, ValueError) as e:
+        with refusals():
+            s = run(cfg, HydraConfig.get().runtime.output_dir)
+    except NoGPUError as e:
         print(e, file=sys.stderr)
         sys.exit(2)
     err = s["simulator_error"]
@@ -30,4 +35,5 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
+    precheck(sys.argv[1:], "executor")
     main()

@@ -1,7 +1,9 @@
 """Gather a sweep into one table and plots: `python -m lynx_sim.report DIR [--out OUT]`.
 
 DIR is any folder holding run directories (a hydra multirun folder, or several): every
-`summary.json` below it becomes one row of `report.csv`. Plots (PNG, in OUT, default DIR):
+`summary.json` below it becomes one row of `report.csv`. A run directory without one (a run that
+failed, was killed or is still running: the summary is written last, lynx_sim/metrics/output.py)
+is skipped, and counted. Plots (PNG, in OUT, default DIR):
 - `pareto_<measure>.png` (`pareto_<measure>_<model>_<hardware>.png` when the sweep holds several
   models or GPUs): modelled speedup against each fidelity measure, one colour per policy, one
   panel per batch size; the Pareto-optimal points of each panel are ringed (higher speedup and
@@ -20,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+# files that make a folder a run directory (hydra's .hydra/, our first outputs, their temporaries)
+RUN_MARKS = {".hydra", "config.resolved.yaml", "steps.csv", ".tmp-config.resolved.yaml", ".tmp-steps.csv"}
 # fidelity measure -> True when larger is better
 MEASURES = {"top1_retention": True, "gate_mass_retained": True, "slots_changed": False, "kl_to_router_nats": False}
 
@@ -44,6 +48,12 @@ def gather(root: str | Path) -> pd.DataFrame:
     if not rows:
         raise FileNotFoundError(f"{root}: no summary.json below this folder (is it a run or multirun directory?)")
     return pd.DataFrame(rows).sort_values(["model", "policy", "batch"], kind="stable").reset_index(drop=True)
+
+
+def incomplete(root: str | Path) -> list[Path]:
+    """Run directories below `root` without a summary.json (failed, killed or still running)."""
+    runs = {p.parent for p in Path(root).rglob("*") if p.name in RUN_MARKS}
+    return sorted(d for d in runs if not (d / "summary.json").is_file())
 
 
 def pareto_mask(speedup: np.ndarray, fidelity: np.ndarray, higher_is_better: bool) -> np.ndarray:
@@ -121,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("dir", help="a run or multirun directory")
     ap.add_argument("--out", help="where report.csv and the plots go (default: DIR)")
     a = ap.parse_args(argv)
+    skipped = incomplete(a.dir) if Path(a.dir).is_dir() else []
+    if skipped:
+        names = ", ".join(str(d.relative_to(a.dir)) for d in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        print(f"skipped {len(skipped)} run director{'y' if len(skipped) == 1 else 'ies'} without summary.json "
+              f"(failed, killed or still running): {names}", file=sys.stderr)
     try:
         df = gather(a.dir)
     except FileNotFoundError as e:

@@ -1,17 +1,16 @@
 """`run(cfg)`: one simulation from a composed config. The hydra entry point wraps it; tests and
-notebooks call it directly (STYLE.md item 8). Outputs go to `out_dir` in one place at the end:
-`summary.json`, `steps.csv`, `requests.csv` (serving workloads), `trace.json` (Chrome trace,
-opens in Perfetto), `plots/*.png` and `config.resolved.yaml`."""
+notebooks call it directly (STYLE.md item 8). The config is validated first (lynx_sim/schema.py).
+Outputs go to `out_dir` in one place at the end (lynx_sim/metrics/output.py): `steps.csv`,
+`requests.csv` (serving workloads), `trace.json` (Chrome trace, opens in Perfetto), `plots/*.png`,
+`config.resolved.yaml`, and `summary.json` last, the mark of a complete run."""
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
 
 from .cost import HardwareSpec, Parallel, Roofline
 from .cost.memory import DoesNotFitError
@@ -20,14 +19,15 @@ from .engine.replay import ClosedLoopReplay
 from .engine.scheduler import Scheduler, SchedulerConfig
 from .engine.serving import Cluster, EngineNode
 from .engine.simulator import simulate
-from .engine.workload import KINDS, RequestFactory, arrival_times
-from .metrics import chrome_trace, plots
+from .engine.workload import RequestFactory, arrival_times
+from .metrics.output import write_run
 from .metrics.recorder import StepRecorder
 from .metrics.serving import ServingRecorder, percentiles
 from .model import ModelSpec
 from .policies import build_policy
 from .policies.calibration import Calibration
 from .policies.vanilla import Vanilla
+from .schema import validate
 from .traces.source import build_source
 
 
@@ -38,17 +38,15 @@ def run(cfg, out_dir: str | Path | None = None, quiet: bool = False) -> dict:
     on the same iterations. closed / poisson / trace: the serving engine with prefill, the
     scheduler and the KV cache; vanilla is a second, separate serving run (its batches differ)."""
     t0 = time.perf_counter()
+    validate(cfg)
     kind = cfg.workload.kind
-    if kind not in KINDS:
-        raise ValueError(f"workload.kind: expected one of {KINDS}, found {kind!r}")
-    _check_ints(cfg)
     model = ModelSpec.from_cfg(cfg.model)
     hw = HardwareSpec.from_cfg(cfg.hardware)
     parallel = Parallel.from_cfg(cfg.get("parallel"))
     serving = cfg.get("serving") or {}
     base_cost = Roofline(model, hw, parallel)
     mem = memory_plan(model, hw, parallel, base_cost.kv_bytes_per_token(), float(serving.get("gpu_memory_utilization", 0.9)))
-    approximations = []
+    approximations, assumptions = [], []  # approximations make a run inexact; assumptions hold for every run
     if not mem.fits:
         msg = mem.explain(model.name, hw.name, parallel)
         if cfg.get("memory_check", "error") == "error":
@@ -65,44 +63,34 @@ def run(cfg, out_dir: str | Path | None = None, quiet: bool = False) -> dict:
         if not calib.held_out:
             approximations.append(f"policy '{policy.name}' learned its statistics from the replayed trace itself (in-sample)")
     ctx = dict(cfg=cfg, model=model, hw=hw, source=source, policy=policy, cost=cost, base_cost=base_cost, mem=mem,
-               fill=fill, approximations=approximations, quiet=quiet)
-    metrics, tables, exact = (_decode(**ctx) if kind == "decode" else _serve(**ctx))
+               fill=fill, approximations=approximations, assumptions=assumptions, quiet=quiet)
+    metrics, tables = (_decode(**ctx) if kind == "decode" else _serve(**ctx))
     note = cfg.model.moe.get("router_approximation")
     if note:
         approximations.append(f"router of {model.name}: {note}")
     if hw.assumed:
-        approximations.append(f"cost model terms assumed, not measured on {hw.name}: {', '.join(hw.assumed)}")
+        assumptions.append(f"cost model terms assumed, not measured on {hw.name}: {', '.join(hw.assumed)}")
     if policy.overhead_us:
-        approximations.append(f"policy overhead {policy.overhead_us} us per MoE layer is assumed, not measured")
+        assumptions.append(f"policy overhead {policy.overhead_us} us per MoE layer is assumed, not measured")
     summary = {
         "policy": policy.name, "batch": int(cfg.batch), "model": model.name, "hardware": hw.name,
         "gpus": parallel.gpus, "expert_parallel": parallel.expert_parallel, "workload": kind,
-        "trace": source.name, "seed": int(cfg.seed), "policy_params": policy.params(),
+        "trace": source.name, "trace_sha256": source.digest.hexdigest(), "seed": int(cfg.seed),
+        "policy_params": policy.params(),
         **metrics, "memory": mem.as_dict(),
         "wall_s": round(time.perf_counter() - t0, 3),
-        "exact": bool(exact and not fill and not note and mem.fits),
+        "exact": not approximations,
         "approximations": approximations,
+        "assumptions": assumptions,
     }
     if out_dir is not None:
-        _write(Path(out_dir), cfg, summary, tables, model)
+        write_run(Path(out_dir), cfg, summary, tables, model.num_experts)
     if not quiet:
         print_table(summary, out_dir)
     return summary
 
 
-def _check_ints(cfg) -> None:
-    w = cfg.workload
-    checks = [("batch", cfg.batch, 1), ("seed", cfg.seed, 0)]
-    if w.kind == "decode":
-        checks += [("workload.steps", w.steps, 1), ("workload.warmup_steps", w.get("warmup_steps", 0), 0)]
-    else:
-        checks += [("workload.num_requests", w.num_requests, 1)]
-    for key, value, low in checks:
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{key}: expected an integer >= {low}, found {value!r}")
-
-
-def _decode(cfg, model, hw, source, policy, cost, base_cost, mem, fill, approximations, quiet):
+def _decode(cfg, model, hw, source, policy, cost, base_cost, mem, fill, approximations, assumptions, quiet):
     """The steady decode batch: B slots, vanilla priced on the same iterations."""
     warmup = cfg.workload.get("warmup_steps", 0)
     replay = ClosedLoopReplay(source, int(cfg.batch), np.random.default_rng(int(cfg.seed)), fill_missing_logits=fill,
@@ -116,7 +104,7 @@ def _decode(cfg, model, hw, source, policy, cost, base_cost, mem, fill, approxim
     if replay.reused:
         approximations.append(f"trace ran out of requests: {replay.reused} admissions replay a used request "
                               "from a random token offset")
-    approximations.append("workload=decode: the steady decode batch; prefill, arrivals and the KV limit are not "
+    assumptions.append("workload=decode: the steady decode batch; prefill, arrivals and the KV limit are not "
                           "modelled (workload=closed|poisson|trace for those); TTFT is undefined")
     m = recorder.summary()
     t = recorder.table()
@@ -129,16 +117,18 @@ def _decode(cfg, model, hw, source, policy, cost, base_cost, mem, fill, approxim
               "slo": {"tpot_ms": slo, "ttft_ms": None}})
     per_layer = m["per_layer"]["distinct_experts"]
     tables = {"steps": t, "per_layer": {policy.name: per_layer["policy"], "vanilla": per_layer["vanilla"]}}
-    return m, tables, not (replay.prefill_as_decode or replay.reused)
+    return m, tables
 
 
-def _serve(cfg, model, hw, source, policy, cost, base_cost, mem, fill, approximations, quiet):
+def _serve(cfg, model, hw, source, policy, cost, base_cost, mem, fill, approximations, assumptions, quiet):
     """The serving engine, once with the policy and once with vanilla (unless serving.compare_vanilla=false)."""
     s = cfg.serving
     factory = RequestFactory(source)
     if factory.num_requests is not None and not (source.trace.phase == 1).any():
         raise ValueError(f"{source.name}: workload={cfg.workload.kind} needs output (decode) tokens to serve, and "
                          f"this trace has only prompt tokens; use workload=decode to replay them as decode steps")
+    if factory.num_requests is not None and not s.chunked_prefill:
+        validate(cfg, longest_request=factory.longest_request())  # the token budget against the file's requests
     capacity = int(s.kv_capacity_tokens) if s.get("kv_capacity_tokens") else mem.kv_capacity_tokens
     sched_cfg = SchedulerConfig(max_seqs=int(cfg.batch), max_tokens=int(s.max_num_batched_tokens),
                                 kv_capacity_tokens=capacity, block_tokens=int(s.kv_block_tokens),
@@ -171,10 +161,10 @@ def _serve(cfg, model, hw, source, policy, cost, base_cost, mem, fill, approxima
     if factory.reused:
         approximations.append(f"trace ran out of requests: {factory.reused} arrivals replay a used one")
     if s.get("kv_capacity_tokens"):
-        approximations.append(f"KV capacity set by hand: {capacity} tokens (memory plan: {mem.kv_capacity_tokens})")
+        assumptions.append(f"KV capacity set by hand: {capacity} tokens (memory plan: {mem.kv_capacity_tokens})")
     if s.disaggregated:
-        approximations.append("disaggregated: KV transfers do not contend for the link")
-    return out, tables, not (factory.stand_in_prompts or factory.reused)
+        assumptions.append("disaggregated: KV transfers do not contend for the link")
+    return out, tables
 
 
 def _ratio(a, b):
@@ -230,25 +220,6 @@ def _progress(quiet: bool, total: int, what: str):
         return
     with Progress(console=console, transient=True) as p:
         yield _Bar(p, p.add_task(what, total=total))
-
-
-def _write(out: Path, cfg, summary: dict, tables: dict, model) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "config.resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    steps = tables["steps"]
-    steps.to_csv(out / "steps.csv", index=False)
-    chrome_trace.write(steps, out / "trace.json")
-    if "requests_main" in tables:
-        tables["requests_main"].to_csv(out / "requests.csv", index=False)
-    if not cfg.get("plots", True):
-        return
-    pdir = out / "plots"
-    pdir.mkdir(exist_ok=True)
-    plots.step_breakdown(steps, pdir / "step_breakdown.png")
-    plots.experts_per_layer(tables["per_layer"], pdir / "experts_per_layer.png", model.num_experts)
-    if tables.get("requests"):
-        plots.latency_cdf(tables["requests"], pdir / "latency_cdf.png", (cfg.get("slo") or {}).get("tpot_ms"))
 
 
 def missing_logits(cfg, policy, source, approximations: list) -> bool:

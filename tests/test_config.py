@@ -75,3 +75,32 @@ def test_policy_catalogue_lists_every_policy():
     text = (CONF_DIR.parent / "docs" / "policies.md").read_text()
     for name in POLICIES:
         assert f"| `{name}` |" in text, f"docs/policies.md has no row for policy '{name}'"
+
+
+def test_the_schema_types_every_key_and_each_option():
+    """conf/config.yaml and every workload and trace option compose onto their schema
+    (lynx_sim/schema.py) and pass validation as shipped."""
+    from lynx_sim import schema
+    from lynx_sim.config import load
+
+    cfg = compose_cfg()
+    assert OmegaConf.get_type(cfg) is schema.SimConfig and OmegaConf.get_type(cfg.serving) is schema.ServingConf
+    sample = CONF_DIR.parent / "traces" / "samples" / "mixtral_8x7b_synth_small.safetensors"
+    for group in ("workload", "trace"):
+        for opt in options(group):
+            c = load([f"{group}={opt}", f"trace.path={sample}" if opt == "file" else "seed=0"])
+            assert OmegaConf.get_type(c[group]).__name__.lower().startswith(opt) and c[group].kind == opt
+
+
+def test_executor_settings_have_their_own_root():
+    """conf/config.yaml has no executor keys; conf/executor.yaml is it plus the `executor` node."""
+    from lynx_sim.config import compose
+
+    sim, ex = compose(), compose(["batch=4"], config_name="executor")
+    assert "executor" not in sim and ex.executor.steps == 8 and ex.batch == 4
+    assert OmegaConf.to_container(ex, resolve=True) == {**OmegaConf.to_container(compose(["batch=4"]), resolve=True),
+                                                        "executor": OmegaConf.to_container(ex.executor)}
+    with pytest.raises(ValueError, match="^executor: expected one of the keys"):
+        compose(["executor.steps=3"])
+    with pytest.raises(ValueError, match="^executor.steps: expected an integer, found 'abc'"):
+        compose(["executor.steps=abc"], config_name="executor")

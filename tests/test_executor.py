@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, compose_cfg
+from conftest import ROOT
 from executor import calibrate
 from executor.device import NoGPUError, choose
 from executor.run import run
@@ -27,7 +27,14 @@ from lynx_sim.run import run as simulate
 BASE = ["model=mixtral_8x7b", "hardware=h200", "batch=4", "policy=lynx"]
 
 
-def test_without_a_gpu_the_executor_refuses(monkeypatch):
+def compose_cfg(overrides=()):
+    """conf/executor.yaml (the simulator's config plus `executor`), as `python -m executor` composes it."""
+    from lynx_sim.config import compose
+
+    return compose(overrides, config_name="executor")
+
+
+def test_without_a_gpu_the_executor_refuses(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(NoGPUError, match="executor.device=cpu"):
         choose("auto")
@@ -35,7 +42,7 @@ def test_without_a_gpu_the_executor_refuses(monkeypatch):
         choose("tpu")
     if torch.cuda.is_available():
         return
-    out = subprocess.run([sys.executable, "-m", "executor", *BASE, "hydra.run.dir=" + str(ROOT / ".pytest_cache" / "ex")],
+    out = subprocess.run([sys.executable, "-m", "executor", *BASE, "hydra.run.dir=" + str(tmp_path / "ex")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "no CUDA GPU" in out.stderr
 

@@ -22,6 +22,7 @@ def test_pareto_mask_by_hand():
     assert not pareto_mask(np.array([1.0]), np.array([np.nan]), True).any()
 
 
+@pytest.mark.slow  # ~23 s cold
 def test_multirun_sweep_and_report(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     out = subprocess.run([sys.executable, "-m", "lynx_sim", "-m", "policy=vanilla,lynx", "batch=2,8", "workload.steps=3",
@@ -44,6 +45,26 @@ def test_report_on_an_empty_folder_is_a_clear_error(tmp_path, capsys):
     assert "no summary.json" in capsys.readouterr().err
     assert main([str(tmp_path / "absent")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_report_skips_and_counts_runs_without_a_summary(tmp_path, capsys):
+    """A run directory without summary.json (failed, killed, still running) is left out and
+    counted; one with a summary is a row."""
+    import json
+
+    done, failed, killed = tmp_path / "0", tmp_path / "1", tmp_path / "2"
+    for d in (done, failed, killed):
+        (d / ".hydra").mkdir(parents=True)
+    (done / "summary.json").write_text(json.dumps({"policy": "vanilla", "model": "m", "hardware": "h", "batch": 8,
+                                                   "speedup": 1.0, "distinct_experts": {"policy": 4, "vanilla": 4}}))
+    (killed / ".tmp-steps.csv").write_text("step,sim_time_ms\n0,")
+    assert main([str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
+    assert "skipped 2 run directories without summary.json" in capsys.readouterr().err
+    assert len(pd.read_csv(tmp_path / "rep" / "report.csv")) == 1
+    (done / "summary.json").unlink()
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "skipped 3 run directories" in err and "no summary.json" in err
 
 
 def test_pareto_front_never_spans_models(tmp_path):
@@ -93,10 +114,9 @@ def test_submitit_launcher_runs_a_sweep(tmp_path):
     df = gather(sweep)
     assert len(df) == 2 and set(df.policy) == {"vanilla", "lynx"}
 
-    from hydra import compose, initialize_config_dir
+    from lynx_sim.config import compose
 
-    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
-        cfg = compose("config", ["hydra/launcher=slurm_cpu", "hydra.launcher.partition=cpu"], return_hydra_config=True)
+    cfg = compose(["hydra/launcher=slurm_cpu", "hydra.launcher.partition=cpu"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "cpu"
     assert launcher.gpus_per_node == 0 and launcher.cpus_per_task == 1

@@ -89,6 +89,17 @@ def test_without_chunking_a_long_prompt_waits_whole():
     assert plans[1] == [(0, 1), (1, 8)]
 
 
+def test_without_chunking_a_request_longer_than_the_budget_is_rejected_not_stuck():
+    """It could never be scheduled (its prompt), or after a late preemption never again (its
+    recompute of prompt + output - 1): the engine used to stop with "scheduler bug"."""
+    s = Scheduler(SchedulerConfig(max_seqs=4, max_tokens=10, kv_capacity_tokens=1024, block_tokens=4,
+                                  chunked_prefill=False))
+    assert not s.add(req(0, 30, 4)) and not s.add(req(1, 8, 4))  # 30 > 10; 8 + 4 - 1 = 11 > 10
+    assert s.add(req(2, 8, 3)) and len(s.rejected) == 2
+    drive(s, 50)
+    assert s.idle
+
+
 def test_max_seqs_caps_the_running_set():
     s = Scheduler(SchedulerConfig(max_seqs=2, max_tokens=100, kv_capacity_tokens=1024, block_tokens=4))
     for i in range(5):
@@ -192,7 +203,7 @@ def test_small_kv_cache_preempts_and_still_serves_everything(tmp_path):
                            "policy=vanilla")
     assert s["preemptions"] > 0 and len(reqs) == 8 and steps.kv_used.max() <= 1.0
     assert steps.prefill_tokens.sum() > reqs.prompt_tokens.sum()  # recomputation after preemption
-    assert any("KV capacity set by hand" in a for a in s["approximations"])
+    assert any("KV capacity set by hand" in a for a in s["assumptions"])
 
 
 def test_disaggregated_decode_node_sees_only_decode_tokens(tmp_path):
@@ -236,3 +247,43 @@ def test_weights_that_do_not_fit_are_refused_or_flagged():
     assert not s["exact"] and not s["memory"]["fits"] and s["approximations"][0].startswith("DOES NOT FIT")
     ok = run(compose_cfg(["model=qwen3_235b_a22b", "workload.steps=1", "batch=2", "parallel.gpus=8"]), quiet=True)
     assert ok["memory"]["fits"] and ok["memory"]["weights_gib_per_gpu"] < 60
+
+
+# --- refusals and crashes of the issue ------------------------------------------------------------
+
+@pytest.mark.parametrize("over,key", [
+    (["serving.chunked_prefill=false", "serving.max_num_batched_tokens=8"], "serving.max_num_batched_tokens"),  # was "scheduler bug"
+    (["serving.disaggregated=true", "serving.kv_transfer_gbps=0"], "serving.kv_transfer_gbps"),  # was ZeroDivisionError
+    (["slo.tpot_ms=nan"], "slo.tpot_ms"),  # goodput was throughput
+])
+def test_serving_reproducers_are_refused_before_serving(over, key):
+    with pytest.raises(ValueError, match=rf"^{key}: expected"):
+        run(compose_cfg([*SMALL, "workload=closed", "workload.num_requests=2", *over]), quiet=True)
+
+
+def test_a_nan_slo_cannot_pass_every_request():
+    from lynx_sim.metrics.serving import ServingRecorder
+
+    with pytest.raises(ValueError, match="slo.tpot_ms"):
+        ServingRecorder(2, 1e12).summary(float("nan"))
+
+
+def test_without_chunking_the_budget_must_hold_the_longest_request(tmp_path):
+    """The synthetic preset's longest request is known from the config (2048 + 256 - 1 for
+    OLMoE's), a file's once it is open; with that budget every request is served."""
+    from conftest import small_arrays
+    from lynx_sim.traces import write_trace
+
+    with pytest.raises(ValueError, match=r"at least 2303 without chunked prefill"):
+        run(compose_cfg([*SMALL, "workload=closed", "serving.chunked_prefill=false"]), quiet=True)
+    s, _, reqs = serve(tmp_path / "ok", "workload=closed", "workload.num_requests=3", "policy=vanilla",
+                       "serving.chunked_prefill=false", "serving.max_num_batched_tokens=2303")
+    assert len(reqs) == 3 and s["requests_rejected"] == 0
+    a = small_arrays(E=64, k=8, L=16, lengths=(6, 5, 7), logits=False)  # prompt 1 + output 6 - 1 = 6 at most
+    path = write_trace(tmp_path / "t.safetensors", a)
+    over = ["trace=file", f"trace.path={path}", "workload=closed", "workload.num_requests=3", "policy=vanilla",
+            "model.moe.renormalize=true", "serving.chunked_prefill=false"]
+    with pytest.raises(ValueError, match=r"at least 6 without chunked prefill \(the longest request of the trace"):
+        run(compose_cfg([*SMALL, *over, "serving.max_num_batched_tokens=5"]), quiet=True)
+    s, _, reqs = serve(tmp_path / "file", *over, "serving.max_num_batched_tokens=6")
+    assert len(reqs) == 3

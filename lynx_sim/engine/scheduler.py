@@ -10,7 +10,9 @@ Each iteration, in order:
    budget, `max_seqs` and free KV blocks allow (the first to be refused stops admission: FCFS).
 Without chunked prefill a prompt that does not fit the remaining budget waits whole.
 The KV cache is paged in blocks of `block_tokens`; capacity comes from the memory plan.
-A request that could never fit the whole cache is rejected at arrival (counted, not simulated).
+A request that could never fit the whole cache is rejected at arrival (counted, not simulated),
+and so, without chunked prefill, is one whose prompt + output - 1 tokens exceed the budget (a
+preempted request recomputes them in one step: it could wait forever; vLLM's max_model_len rule).
 
 Pure state, no simpy (STYLE.md item 4): `schedule()` plans one iteration, `complete()` applies it.
 """
@@ -85,8 +87,10 @@ class Scheduler:
         self.rejected: list[Request] = []
 
     def add(self, req: Request) -> bool:
-        """Queue an arrival; False (and counted) if it could never fit the KV cache."""
-        if self.kv.blocks_for(req.prompt + req.output - 1) > self.kv.total_blocks:
+        """Queue an arrival; False (and counted) if it could never fit the KV cache or the budget."""
+        longest = req.prompt + req.output - 1
+        too_long = longest > self.cfg.max_tokens and not self.cfg.chunked_prefill
+        if self.kv.blocks_for(longest) > self.kv.total_blocks or too_long:
             self.rejected.append(req)
             return False
         self.waiting.append(req)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..schema import MAX_SPAN_S, ConfigError
 from ..traces.writer import TraceArrays
 from .request import Request
 
@@ -41,6 +42,11 @@ class RequestFactory:
         if prompt == 0 and out:
             prompt = int(pos[phase == 1][0])  # decode-only recording: the prompt length is where decode starts
         return max(prompt, 1), out
+
+    def longest_request(self) -> int:
+        """The most tokens one request of the file holds in the KV cache, prompt + output - 1
+        (a preempted request recomputes that many at once)."""
+        return max((sum(self._file_lengths(r)) - 1 for r in range(self.num_requests)), default=0)
 
     def make(self, rid: int, arrival_s: float, r: int | None = None) -> Request | None:
         """Request number `rid` replaying trace request `r` (default: rid, wrapping); None when
@@ -102,7 +108,8 @@ def arrival_times(workload, factory: RequestFactory, rng: np.random.Generator) -
         t = np.concatenate([starts + i * period for i in range(reps)])[:n]
         r = np.concatenate([order + i * len(order) for i in range(reps)])[:n]
         scale = float(workload.get("time_scale", 1.0))
-        if not scale > 0:
-            raise ValueError(f"workload.time_scale: expected a factor > 0, found {scale!r}")
+        if not scale > 0 or not t[-1] * scale <= MAX_SPAN_S:
+            raise ConfigError("workload.time_scale", f"a factor > 0 that keeps the {n} arrivals within {MAX_SPAN_S:.0e} "
+                              f"simulated seconds (recorded span {t[-1]:.3g} s)", scale)
         return t * scale, r
     raise ValueError(f"workload.kind: expected one of {KINDS}, found {kind!r}")

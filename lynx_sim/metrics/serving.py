@@ -72,6 +72,9 @@ class ServingRecorder:
         return pd.DataFrame(self.requests, columns=cols)
 
     def summary(self, slo_tpot_ms: float | None, slo_ttft_ms: float | None = None) -> dict:
+        for key, v in (("slo.tpot_ms", slo_tpot_ms), ("slo.ttft_ms", slo_ttft_ms)):
+            if v is not None and not (np.isfinite(v) and v > 0):  # a NaN SLO would pass every request
+                raise ValueError(f"{key}: expected a finite number > 0 or null, found {v!r}")
         s, r = self.step_table(), self.request_table()
         if r.empty:
             raise ValueError("no request finished: nothing to measure (check workload.num_requests and the KV capacity)")
