@@ -1,6 +1,8 @@
 """Where a run's routing comes from: a trace file, or the synthetic generator on the fly.
 
-Both answer `request(r) -> TraceArrays` for one request, so the replay does not care which.
+Both answer `request(r) -> TraceArrays` for one request, and `RowStream` reads one phase of a
+request a block of rows at a time from either (the decode replay: memory bounded by the batch's
+current rows, not by the requests' lengths), so the replay does not care which.
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .digest import RoutingDigest
 from .errors import TraceFormatError
 from .reader import Trace
+from .synth import CHUNK_TOKENS
 from .writer import TraceArrays
 
 FIELDS = ("ids", "weights", "logits", "arrival_s")
@@ -35,41 +39,126 @@ class FileSource:
         self._row_bytes = m.num_layers * (8 * m.top_k + 4 * m.num_experts) + 8  # widest stored row
         self.block_bytes = self.BLOCK_BYTES if block_bytes is None else block_bytes
         self._block: tuple[int, int, dict] | None = None  # (first row, end row, {name: rows})
+        self.digest = RoutingDigest()  # of every row handed out (the summary's trace_sha256)
 
-    def _read(self, a: int, b: int) -> dict:
-        """Routing rows [a, b) of every stored tensor, as fresh arrays."""
+    def _read(self, a: int, b: int, read_ahead: bool = True) -> dict:
+        """Routing rows [a, b) of every stored tensor, as fresh arrays; `read_ahead`: a miss reads a
+        whole block (the next requests' rows too) and keeps it, else only these rows."""
         blk = self._block
         if blk is None or not (blk[0] <= a and b <= blk[1]):
+            if not read_ahead:
+                return {f: self.trace.as_numpy(f, rows) for f, rows in self.trace.read_block(FIELDS, a, b).items()}
             end = min(self.trace.num_tokens, a + max(b - a, self.block_bytes // self._row_bytes))
             self._block = blk = (a, end, self.trace.read_block(FIELDS, a, end))
         return {f: self.trace.as_numpy(f, rows[a - blk[0]:b - blk[0]], copy=True) for f, rows in blk[2].items()}
 
+    def span(self, r: int, phase: int | None) -> tuple[int, int, np.ndarray | None]:
+        """File rows of request r's `phase` rows (all its rows when phase is None): [a, b), and
+        their offsets from a when they are not contiguous (recorded traces keep them contiguous:
+        prompt, then output)."""
+        a, b = int(self.trace.request_offsets[r]), int(self.trace.request_offsets[r + 1])
+        if phase is None:
+            return a, b, None
+        idx = np.flatnonzero(self.trace.phase[a:b] == phase)
+        if idx.size == 0:
+            return b, b, None
+        if idx[-1] - idx[0] + 1 == idx.size:
+            return a + int(idx[0]), a + int(idx[-1]) + 1, None
+        return a, b, idx
+
+    def length(self, r: int, phase: int | None) -> int:
+        """How many rows request r has of `phase` (of every phase when None)."""
+        a, b, keep = self.span(r, phase)
+        return b - a if keep is None else len(keep)
+
     def request(self, r: int, phase: int | None = None) -> TraceArrays:
         """Request r's rows; with `phase`, only the rows of that phase (read alone when they are
-        contiguous, as recorded traces keep them: prompt, then output)."""
-        a, b = int(self.trace.request_offsets[r]), int(self.trace.request_offsets[r + 1])
-        keep = None
-        if phase is not None:
-            idx = np.flatnonzero(self.trace.phase[a:b] == phase)
-            if idx.size and idx[-1] - idx[0] + 1 == idx.size:
-                a, b = a + int(idx[0]), a + int(idx[-1]) + 1
-            elif idx.size == 0:
-                a = b
-            else:
-                keep = idx
-        cols = self._read(a, b)
+        contiguous)."""
+        a, b, keep = self.span(r, phase)
+        arr = self._rows(a, b, keep, read_ahead=True)
+        self.digest.add(r, phase, arr)
+        return arr
+
+    def read_rows(self, r: int, phase: int | None, lo: int, hi: int) -> TraceArrays:
+        """Rows lo..hi-1 of request r's `phase` rows (of all its rows when phase is None), read
+        alone (positioned reads of those rows only, unless the block read last holds them): a
+        streaming replay reads each slot's request a block at a time. Not hashed: `RowStream`
+        feeds the digest with what it streams."""
+        a, b, keep = self.span(r, phase)
+        n = b - a if keep is None else len(keep)
+        if not 0 <= lo <= hi <= n:
+            raise ValueError(f"request {r}: rows [{lo}, {hi}) outside its {n} rows of phase {phase}")
+        if keep is None:
+            arr = self._rows(a + lo, a + hi, None, read_ahead=False)
+        elif lo == hi:
+            arr = self._rows(b, b, None, read_ahead=False)
+        else:
+            idx = keep[lo:hi]
+            arr = self._rows(a + int(idx[0]), a + int(idx[-1]) + 1, idx - idx[0], read_ahead=False)
+        return arr
+
+    def _rows(self, a: int, b: int, keep: np.ndarray | None, read_ahead: bool) -> TraceArrays:
+        """File rows [a, b) (of them, the offsets `keep` when given)."""
+        cols = self._read(a, b, read_ahead)
         arr = TraceArrays(meta=self.meta, request_id=self.trace.request_id[a:b], position=self.trace.position[a:b],
                           phase=self.trace.phase[a:b], **cols)
         return arr if keep is None else take_rows(arr, keep)
 
 
 def phase_rows(source, r: int, phase: int) -> TraceArrays:
-    """The rows of one phase of request r from any source (files read only those rows)."""
-    if isinstance(source, FileSource):
-        return source.request(r, phase=phase)
-    arr = source.request(r)
-    idx = np.flatnonzero(arr.phase == phase)
-    return arr if idx.size == len(arr.phase) else take_rows(arr, idx)
+    """The rows of one phase of request r (files read, and the generator computes, only those rows)."""
+    return source.request(r, phase=phase)
+
+
+class RowStream:
+    """One phase of request r (all its rows when phase is None) read in order from any row on, a
+    block at a time: what a replay slot holds in place of the whole request. `length` is known
+    before any row is read (a replayed copy starts at a random offset). A read returns at most
+    `max_rows` rows: `block_rows` from a file (positioned reads of those rows alone), or the
+    generator's own block of CHUNK_TOKENS rows, its AR state carried inside the suspended
+    generator (`SyntheticTrace.blocks`). A stream from row 0 feeds the source's digest with every
+    block, so a request streamed to its end hashes as `source.request(r, phase)` would; a stream
+    from an offset (a replayed copy) feeds nothing, so the digest names each request's rows up to
+    where its first pass got, whatever the order of reads and the window sizes."""
+
+    def __init__(self, source, r: int, phase: int | None, block_rows: int, start: int = 0):
+        if block_rows < 1:
+            raise ValueError(f"block_rows: expected an int >= 1, found {block_rows}")
+        self.source, self.request, self.phase, self.block_rows = source, int(r), phase, int(block_rows)
+        self._file = isinstance(source, FileSource)
+        self.max_rows = self.block_rows if self._file else CHUNK_TOKENS  # the most rows one read returns
+        if self._file:
+            self.length = source.length(self.request, phase)
+        else:
+            P, O = source.lengths(self.request)
+            self._lengths, self._first = (P, O), {None: 0, 0: 0, 1: P}[phase]
+            self.length = {None: P + O, 0: P, 1: O}[phase]
+        self.seek(start)
+
+    def seek(self, row: int) -> None:
+        """Start (over) at `row`; the generator's state is rebuilt from the request's first block."""
+        if not 0 <= row <= self.length:
+            raise ValueError(f"request {self.request}: row {row} outside its {self.length} rows")
+        self.next_row, self._blocks, self._hashed = int(row), None, row == 0
+
+    def read(self) -> TraceArrays:
+        """The next block of rows, from `next_row` on (at least one row; at most `block_rows` from a file)."""
+        lo = self.next_row
+        if lo >= self.length:
+            raise ValueError(f"request {self.request}: all {self.length} rows of phase {self.phase} read")
+        if self._file:
+            arr = self.source.read_rows(self.request, self.phase, lo, min(lo + self.block_rows, self.length))
+        else:
+            if self._blocks is None:
+                first = self._first
+                self._blocks = self.source.blocks(self.request, *self._lengths, first + lo, first + self.length)
+            arr = next(self._blocks)
+        if self._hashed:
+            self.source.digest.feed(self.request, self.phase, lo, arr, total=self.length)
+        self.next_row += len(arr.ids)
+        if self.next_row >= self.length:
+            self._blocks = None  # the generator's frame and its last chunk go with it
+        return arr
 
 
 def take_rows(arr: TraceArrays, idx: np.ndarray) -> TraceArrays:
