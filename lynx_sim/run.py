@@ -45,7 +45,7 @@ def run(cfg, out_dir: str | Path | None = None, quiet: bool = False) -> dict:
     parallel = Parallel.from_cfg(cfg.get("parallel"))
     serving = cfg.get("serving") or {}
     base_cost = Roofline(model, hw, parallel)
-    mem = memory_plan(model, hw, parallel, base_cost.kv_bytes_per_token(), float(serving.get("gpu_memory_utilization", 0.9)))
+    mem = memory_plan(model, hw, parallel, base_cost.kv_bytes_per_token_rank(), float(serving.get("gpu_memory_utilization", 0.9)))
     approximations, assumptions = [], []  # approximations make a run inexact; assumptions hold for every run
     if not mem.fits:
         msg = mem.explain(model.name, hw.name, parallel)

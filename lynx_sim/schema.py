@@ -364,7 +364,7 @@ def _layout(cfg, serving: bool) -> None:
             if n:
                 raise ConfigError("parallel.gpus", f"a divisor of the {what} of {model.name} under tensor "
                                   "parallelism", g, "or parallel.expert_parallel=true")
-    mem = plan(model, hw, par, Roofline(model, hw, par).kv_bytes_per_token(), float(cfg.serving.gpu_memory_utilization))
+    mem = plan(model, hw, par, Roofline(model, hw, par).kv_bytes_per_token_rank(), float(cfg.serving.gpu_memory_utilization))
     hand = cfg.serving.kv_capacity_tokens if serving else None
     capacity = hand if hand is not None else (mem.kv_capacity_tokens if mem.fits else None)
     # tokens each running request holds at least: one; the steady decode batch runs all B at once,

@@ -104,6 +104,32 @@ def test_mla_caches_the_latent():
     assert g.kv_bytes_per_token() == 2 * 4 * 128 * 2
 
 
+def test_weight_only_4bit_runs_on_bf16_mma():
+    _, h, _ = load()
+    assert h.flops_per_s(1) == h.fp8_tflops * 1e12 * h.flops_efficiency  # fp8 weights, fp8 MMA
+    assert h.flops_per_s(2) == h.flops_per_s(0.53125) == h.bf16_tflops * 1e12 * h.flops_efficiency  # MXFP4: w4a16
+
+
+def test_kv_heads_fewer_than_ranks_are_replicated():
+    """Under TP a rank holds num_kv_heads / tp KV heads, but never less than one: with more ranks
+    than KV heads each head is replicated, and MLA's latent is on every rank (hand arithmetic)."""
+    from lynx_sim.cost import Parallel
+    from lynx_sim.cost.memory import plan
+
+    m, h, _ = load("qwen3_30b_a3b", "h200")  # 4 KV heads of 128
+    per_rank = {tp: Roofline(m, h, Parallel(tp)).kv_bytes_per_token_rank() for tp in (1, 2, 4, 8)}
+    assert per_rank == {1: 2 * 4 * 128 * 2, 2: 2 * 2 * 128 * 2, 4: 2 * 1 * 128 * 2, 8: 2 * 1 * 128 * 2}
+    r4, r8 = Roofline(m, h, Parallel(4)), Roofline(m, h, Parallel(8))
+    kv_only = lambda r: r.attention_s(1, 100_000) - r.attention_s(1, 0)  # noqa: E731 (the KV term of a long context)
+    assert kv_only(r8) == pytest.approx(kv_only(r4), rel=0.05)  # TP 8 reads as many KV bytes per rank as TP 4
+    cap4 = plan(m, h, Parallel(4), r4.kv_bytes_per_token_rank()).kv_capacity_tokens
+    cap8 = plan(m, h, Parallel(8), r8.kv_bytes_per_token_rank()).kv_capacity_tokens
+    assert cap8 < 2 * cap4  # replicated heads: doubling the GPUs frees weight memory only
+    d, hd, _ = load("deepseek_v2_lite", "h200")
+    assert Roofline(d, hd, Parallel(2)).kv_bytes_per_token_rank() == (512 + 64) * 2  # the latent is replicated
+    assert Roofline(d, hd, Parallel(2, expert_parallel=True)).kv_bytes_per_token_rank() == (512 + 64) * 2
+
+
 def test_calibration_file_overrides_assumed_factors(tmp_path):
     _, h, _ = load()
     path = tmp_path / "cal.json"

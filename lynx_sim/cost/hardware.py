@@ -84,6 +84,9 @@ class HardwareSpec:
         return self.hbm_bandwidth_gbps * 1e9 * self.bandwidth_efficiency
 
     def flops_per_s(self, weight_bytes: float) -> float:
-        """Achievable dense FLOP/s for weights of this width (fp8 tensor cores for 1-byte weights)."""
-        peak = self.fp8_tflops if weight_bytes <= 1 else self.bf16_tflops
+        """Achievable dense FLOP/s for weights of this width: fp8 tensor cores for 1-byte (fp8)
+        weights; bf16 ones for 2-byte weights and for 4-bit weight-only formats (MXFP4, int4),
+        which the kernels dequantise to bf16 before a bf16 MMA (w4a16, as vLLM runs them on
+        Hopper; Blackwell's native FP4 MMA is not modelled)."""
+        peak = self.fp8_tflops if weight_bytes == 1 else self.bf16_tflops
         return peak * 1e12 * self.flops_efficiency

@@ -43,13 +43,14 @@ class MemoryPlan:
 
 def plan(model: ModelSpec, hw: HardwareSpec, parallel: Parallel, kv_bytes_per_token_layer: float,
          utilisation: float = 0.9) -> MemoryPlan:
-    """`kv_bytes_per_token_layer`: one token's cache at one layer (Roofline.kv_bytes_per_token)."""
+    """`kv_bytes_per_token_layer`: one token's cache at one layer on one rank
+    (Roofline.kv_bytes_per_token_rank: replicated KV heads and MLA latents counted in full)."""
     if not 0 < utilisation <= 1:
         raise ValueError(f"serving.gpu_memory_utilization: expected a number in (0, 1], found {utilisation!r}")
     parts, g = model.weight_bytes_total(), parallel.gpus
     weights = (parts["experts"] + parts["other"]) / g if not parallel.expert_parallel else parts["experts"] / g + parts["other"]
     usable = hw.memory_gib * GIB * utilisation
-    per_token = model.num_layers * kv_bytes_per_token_layer / parallel.tp
+    per_token = model.num_layers * kv_bytes_per_token_layer
     free = usable - weights
     ranks = g if parallel.expert_parallel else 1  # data-parallel KV caches under EP
     capacity = int(max(free, 0) // per_token) * ranks

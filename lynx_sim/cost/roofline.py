@@ -153,16 +153,27 @@ class Roofline:
             return (a["kv_lora_rank"] + a["qk_rope_head_dim"]) * KV_CACHE_BYTES
         return 2 * a["num_kv_heads"] * a["head_dim"] * KV_CACHE_BYTES
 
+    def kv_bytes_per_token_rank(self) -> float:
+        """KV-cache bytes one cached token costs one layer on one tensor-parallel rank. GQA's KV
+        heads are split over the ranks down to one head each: with more ranks than KV heads
+        every head is replicated (vLLM's layout), so a rank still holds one. MLA caches one
+        latent per token that every rank needs: it is replicated on all of them."""
+        a = self.model.attention
+        if a["kind"] == "mla":
+            return float(self.kv_bytes_per_token())
+        return 2 * max(a["num_kv_heads"] / self.par.tp, 1.0) * a["head_dim"] * KV_CACHE_BYTES
+
     def attention_s(self, batch: int, context_tokens: int, attn_pairs: int | None = None) -> float:
         """All layers' attention for `batch` tokens that read `context_tokens` cached KV entries in
         total and form `attn_pairs` query-key pairs (decode: one pair per cached token, the
         default; a prefill chunk of n tokens after c cached ones: n c + n (n + 1) / 2 pairs, and it
-        reads c). Per rank: 1/tp of the weights and heads, or under EP 1/gpus of the tokens."""
+        reads c). Per rank: 1/tp of the weights and query heads and its KV heads
+        (`kv_bytes_per_token_rank`), or under EP 1/gpus of the tokens."""
         m, a = self.model, self.model.attention
         tp, share = self.par.tp, self._tokens_per_rank(batch) / batch
         pairs = context_tokens if attn_pairs is None else attn_pairs
         params = self.attention_params()
-        bytes_ = params * m.dense_weight_bytes / tp + context_tokens * share * self.kv_bytes_per_token() / tp
+        bytes_ = params * m.dense_weight_bytes / tp + context_tokens * share * self.kv_bytes_per_token_rank()
         width = a["kv_lora_rank"] + a["qk_rope_head_dim"] if a["kind"] == "mla" else a["head_dim"]
         flops = (2.0 * params * batch * share + 4.0 * a["num_heads"] * width * pairs * share) / tp
         per_layer = self._time1(bytes_, flops, self.dense_fps) + self.hw.attention_layer_fixed_us * 1e-6
@@ -204,7 +215,7 @@ class Roofline:
         router = m.num_moe_layers * m.hidden_size * m.num_experts * m.dense_weight_bytes
         dense = (m.num_layers * self.attention_params() + (m.num_layers - m.num_moe_layers) * 3 * m.hidden_size
                  * m.dense_intermediate_size + m.hidden_size * m.vocab_size) * m.dense_weight_bytes / tp
-        kv = context_tokens * m.num_layers * self.kv_bytes_per_token() / g
+        kv = context_tokens * m.num_layers * self.kv_bytes_per_token_rank() / (g if self.par.expert_parallel else 1)
         return experts + router + dense + kv
 
     def step(self, batch: int, context_tokens: int, expert_tokens: np.ndarray, acted: bool = True,
