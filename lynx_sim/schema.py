@@ -119,6 +119,7 @@ class SynthTrace:
 class FileTrace:
     kind: str = MISSING
     path: Optional[str] = MISSING
+    verify: bool = MISSING
 
 
 @dataclass

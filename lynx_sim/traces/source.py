@@ -197,7 +197,7 @@ def build_source(cfg, model):
         path = cfg.trace.get("path")
         if not path:
             raise ValueError("trace=file needs trace.path=<native trace file> (see `python -m lynx_sim.traces`)")
-        src = FileSource(Trace(Path(path)))
+        src = FileSource(Trace(Path(path), verify=bool(cfg.trace.get("verify", True))))
         check_matches_model(src.meta, model, str(path))
         return src
     raise ValueError(f"trace.kind: expected 'synth' or 'file', found {kind!r}")

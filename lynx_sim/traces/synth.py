@@ -228,9 +228,10 @@ class SyntheticTrace:
             raise ValueError(f"request {r}: rows [{lo}, {hi}) outside its {T} tokens")
         state = (None, None)  # AR(1) states: topic [D], contextual part [L, D]
         for c0 in range(0, min(hi, T), CHUNK_TOKENS):
-            rows, state = self._chunk(r, P, c0, min(CHUNK_TOKENS, T - c0), state, lo, hi)
-            if rows is not None:
-                yield rows
+            out = self._chunk(r, P, c0, min(CHUNK_TOKENS, T - c0), state, lo, hi)
+            state = out[1]
+            if out[0] is not None:
+                yield out.pop(0)  # the paused generator keeps no reference to the rows it handed out
 
     def _chunk(self, r: int, P: int, c0: int, n: int, state: tuple, lo: int, hi: int):
         """Block c0 // CHUNK_TOKENS of request r: (its rows inside [lo, hi), or None; the new states)."""
@@ -243,7 +244,7 @@ class SyntheticTrace:
         gs, g = ar1_steps(topic, g, self._rho_topic, np.sqrt(1 - self._rho_topic ** 2))  # AR(1) along tokens
         xs, x = ar1_steps(ctx, x, p.stickiness, np.sqrt(1 - p.stickiness ** 2))
         if c0 + n <= lo:  # before the rows asked for: only the states move on
-            return None, (g, x)
+            return [None, (g, x)]
         couple = np.sqrt(1 - p.layer_coupling ** 2)
         for l in range(1, L):  # AR(1) along layers (cross-layer coupling), per token
             xs[:, l] = p.layer_coupling * xs[:, l - 1] + couple * xs[:, l]
@@ -254,7 +255,7 @@ class SyntheticTrace:
         if c0 == 0 and P > 0:  # the begin-of-sequence token sees no context: its embedding alone
             h[0] = self._vocab[0]
         a, b = max(lo - c0, 0), min(hi - c0, n)
-        return self._rows(r, P, self._logits(h[a:b], c0 + a), c0 + a), (g, x)
+        return [self._rows(r, P, self._logits(h[a:b], c0 + a), c0 + a), (g, x)]
 
     def _logits(self, h: np.ndarray, t0: int) -> np.ndarray:
         """float32 logits [n, L, E] of latents h [n, L, D] at positions t0.. (exact product, then
