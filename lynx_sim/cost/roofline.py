@@ -25,6 +25,7 @@ import numpy as np
 
 from ..model import ModelSpec
 from .hardware import HardwareSpec
+from .moe_layer import MoEKernelParams, moe_layer_s
 from .parallel import Parallel, allreduce_s
 
 KV_CACHE_BYTES = 2  # bf16 KV cache
@@ -72,6 +73,7 @@ class Roofline:
         # per MoE layer and rank: bytes that do not depend on routing, FLOPs per token of the step
         self._moe_const_bytes = m.shared_expert_bytes / tp + router_params * m.dense_weight_bytes
         self._moe_flops_per_token = 2.0 * shared_params / tp + 2.0 * router_params
+        self._moe_params = MoEKernelParams.from_hardware(hw, m.weight_bytes, fixed_us=0.0)  # fixed cost: moe_layers_s
 
     def _time1(self, bytes_: float, flops: float, fps: float) -> float:
         """One term's roofline, max(bytes / bandwidth, FLOPs / FLOP/s), in plain floats (a step
@@ -97,12 +99,10 @@ class Roofline:
 
     def _moe_rank_s(self, counts: np.ndarray, tokens) -> np.ndarray:
         """Expert, shared-expert and router work of one rank: counts [L, E_rank] -> [L] seconds."""
-        m, tp = self.model, self.par.tp
-        distinct = np.count_nonzero(counts, axis=-1)
-        padded = self.padded(counts).sum(-1)
-        bytes_ = distinct * (m.expert_bytes / tp) + self._moe_const_bytes
-        flops = padded * (2.0 * m.expert_params / tp) + self._moe_flops_per_token * tokens
-        return np.maximum(bytes_ / self.moe_bw, flops / self.expert_fps)
+        m = self.model
+        return moe_layer_s(counts, m.hidden_size, m.expert_intermediate_size / self.par.tp, m.weight_bytes,
+                           self._moe_params, extra_bytes=self._moe_const_bytes,
+                           extra_flops=self._moe_flops_per_token * tokens)
 
     def routed_experts_s(self, counts: np.ndarray, block_m: int | None = None) -> np.ndarray:
         """The routed experts alone, per MoE layer on one GPU: what the executor times (align,
