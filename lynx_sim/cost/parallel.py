@@ -43,3 +43,32 @@ def allreduce_s(message_bytes: float, gpus: int, link_Bps: float, latency_s: flo
     if gpus == 1:
         return 0.0
     return 2.0 * (gpus - 1) / gpus * message_bytes / link_Bps + latency_s
+
+
+@dataclass(frozen=True)
+class AllReduceParams:
+    """A fitted all-reduce: per group size g (`num_gpus`), a latency and a bus bandwidth.
+
+        t(bytes, g) = latency_us[g] + 2 (g - 1) / g x bytes / bus_Bps[g]
+
+    the ring model of `allreduce_s` with its latency and link bandwidth measured per g (vLLM's
+    custom all-reduce under CUDA graphs; lynx_sim/measured/fit.py). Keys are str(g) (JSON)."""
+
+    latency_us: dict
+    bus_Bps: dict
+
+
+def allreduce_fitted_s(message_bytes, gpus, p: AllReduceParams):
+    """Seconds of one all-reduce of `message_bytes` over `gpus` ranks (arrays broadcast; 0 on one GPU)."""
+    import numpy as np
+
+    b, g = np.broadcast_arrays(np.asarray(message_bytes, dtype=np.float64), np.asarray(gpus))
+    out = np.zeros(b.shape)
+    for gi in np.unique(g):
+        if gi == 1:
+            continue
+        if str(int(gi)) not in p.latency_us:
+            raise ValueError(f"all-reduce over {int(gi)} GPUs: not fitted (fitted: {sorted(p.latency_us)})")
+        sel = g == gi
+        out[sel] = p.latency_us[str(int(gi))] * 1e-6 + 2.0 * (gi - 1) / gi * b[sel] / p.bus_Bps[str(int(gi))]
+    return out

@@ -29,7 +29,7 @@ def _read(path: Path) -> pd.DataFrame:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lynx_sim.measured", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("fit", help="fit the MoE and GEMM terms, write the calibration JSON and plots")
+    f = sub.add_parser("fit", help="fit the MoE, GEMM, attention and all-reduce terms, write the calibration JSON and plots")
     f.add_argument("--gpu", required=True)
     f.add_argument("--out", type=Path, default=None, help="default benchmarks/results/calibration_<gpu>.json")
     f.add_argument("--seed", type=int, default=0)

@@ -1,5 +1,6 @@
-"""Fit the MoE-layer and GEMM cost terms (lynx_sim/cost/moe_layer.py, gemm.py) to NVIDIA
-AIConfigurator's measured vLLM tables, and say how well they predict rows they never saw.
+"""Fit the MoE-layer, GEMM, attention and all-reduce cost terms (lynx_sim/cost/moe_layer.py,
+gemm.py, attention.py, parallel.py) to NVIDIA AIConfigurator's measured vLLM tables, and say how
+well they predict rows they never saw.
 
     python -m lynx_sim.measured fit --gpu h200 --out benchmarks/results/calibration_h200.json --seed 0
 
@@ -19,6 +20,10 @@ same cold starts; only block_m and the activation choice are kept from the full 
 all its rows. The tile rows block_m and whether activation traffic is counted are chosen by the
 fit-half cost over a small grid (not by held-out error).
 
+Attention (decode, prefill; `attention.py`) and all-reduce (`AllReduceParams`): see
+`select_attention`, `attention_component` and `fit_allreduce`; each table has its own seeded
+split (the same `split`), the MoE and GEMM rows and numbers are untouched by them.
+
 A measured MoE power-law row is the mean over 5 routings (lynx_sim/measured/routing.py); we
 price 5 draws of our own (seeded by the row's T, E, k and distribution) and average the times.
 """
@@ -34,7 +39,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..cost.attention import AttentionParams, attention_decode_s, attention_prefill_s
 from ..cost.gemm import GemmParams, gemm_s
+from ..cost.parallel import AllReduceParams, allreduce_fitted_s, allreduce_s
 from ..cost.moe_layer import MoEKernelParams, moe_layer_s, moe_load
 from .routing import row_counts
 
@@ -175,6 +182,127 @@ def price_gemm(df: pd.DataFrame, p: GemmParams, act_bytes: float = 2.0) -> np.nd
     return gemm_s(df.m, df.n, df.k, 2, p, act_bytes) * 1e3
 
 
+# ---------------------------------------------------------------- attention and all-reduce
+
+ATTN_SHAPE = ["num_heads", "num_key_value_heads", "head_dim"]
+ATTN_HEAD_DIMS = (64, 128)
+ATTN_MAX_ROWS = 4000  # seeded subsample of each attention table after selection (fit time)
+ATTN_X = ("fixed_us", "bandwidth_efficiency", "compute_efficiency", "gamma", "seq_us", "seq_head_us")
+ATTN_BOUNDS = ([0.0, 0.05, 0.05, 0.0, 0.0, 0.0], [200.0, 1.0, 1.0, 1.0, 10.0, 10.0])
+ATTN_STARTS = ([10.0, 0.8, 0.5, 0.3, 0.01, 0.01], [5.0, 0.5, 0.3, 0.5, 0.05, 0.0])
+ALLREDUCE_BACKEND = "vllm_graph"
+
+
+def select_attention(df: pd.DataFrame, phase: str, seed: int = 0,
+                     max_rows: int | None = ATTN_MAX_ROWS) -> tuple[pd.DataFrame, dict]:
+    """Attention rows fitted and evaluated ({reason: rows left out}, first reason that applies):
+    bf16 KV cache, no sliding window, head_dim 64 or 128 (the dense models we simulate; 192/256/512
+    are MLA-like or rare and run other kernel paths), FlashAttention-3 (FA4 rows are a few
+    Blackwell-style ones), then a seeded subsample of at most `max_rows` rows."""
+    reasons = {
+        "kv_cache_dtype not bfloat16": df.kv_cache_dtype != "bfloat16",
+        "window_size != 0 (sliding window)": df.window_size != 0,
+        f"head_dim not in {ATTN_HEAD_DIMS}": ~df.head_dim.isin(ATTN_HEAD_DIMS),
+        "kernel_source not vllm_flash_attn_fa3": df.kernel_source != "vllm_flash_attn_fa3",
+    }
+    keep, excluded = pd.Series(True, index=df.index), {}
+    for reason, out in reasons.items():
+        excluded[f"attention_{phase}: {reason}"] = int((keep & out).sum())
+        keep &= ~out
+    rows = df[keep].reset_index(drop=True)
+    if max_rows is not None and len(rows) > max_rows:
+        pick = np.sort(np.random.default_rng([seed, 1 if phase == "decode" else 2]).permutation(len(rows))[:max_rows])
+        excluded[f"attention_{phase}: not in the seeded subsample of {max_rows}"] = int(len(rows) - max_rows)
+        rows = rows.iloc[pick].reset_index(drop=True)
+    return rows, excluded
+
+
+def price_attention(df: pd.DataFrame, p: AttentionParams, phase: str) -> np.ndarray:
+    """Milliseconds per row (bf16 KV: 2 bytes; one GPU, the table's heads)."""
+    heads, kv_heads, hd = df.num_heads, df.num_key_value_heads, df.head_dim
+    if phase == "decode":
+        t = attention_decode_s(df.batch_size * df.kv_len, heads, kv_heads, hd, 2, p, batch=df.batch_size)
+    else:
+        t = attention_prefill_s(df.isl, 0, df.batch_size, heads, kv_heads, hd, 2, p)
+    return np.asarray(t, dtype=float) * 1e3
+
+
+def fit_attention(df: pd.DataFrame, base: AttentionParams, phase: str, starts=ATTN_STARTS) -> tuple[AttentionParams, float]:
+    """Least squares on log(pred / meas) over these rows (soft-L1), from `starts`; `base` keeps
+    its peaks and `count_queries`. Returns (params, cost)."""
+    from scipy.optimize import least_squares
+
+    meas = np.log(df.latency_ms.to_numpy(float))
+
+    def params(x):
+        return replace(base, **dict(zip(ATTN_X, map(float, x))))
+
+    fits = [least_squares(lambda x: np.log(price_attention(df, params(x), phase)) - meas, x0=np.asarray(x0, float),
+                          bounds=ATTN_BOUNDS, loss="soft_l1", f_scale=0.05) for x0 in starts]
+    res = min(fits, key=lambda r: r.cost)
+    return params(res.x), float(res.cost)
+
+
+def fit_allreduce(df: pd.DataFrame) -> AllReduceParams:
+    """Per num_gpus: (latency, bus bandwidth) by least squares on log(pred / meas) (soft-L1)."""
+    from scipy.optimize import least_squares
+
+    lat, bw = {}, {}
+    for g, part in df.groupby("num_gpus"):
+        g = int(g)
+        b, meas = part.message_bytes.to_numpy(float), np.log(part.latency_ms.to_numpy(float))
+        ring = 2.0 * (g - 1) / g * b
+
+        def resid(x):
+            return np.log(x[0] * 1e-3 + ring / (x[1] * 1e9) * 1e3) - meas
+
+        res = least_squares(resid, x0=[5.0, 300.0], bounds=([0.0, 1.0], [1000.0, 10000.0]), loss="soft_l1", f_scale=0.05)
+        lat[str(g)], bw[str(g)] = float(res.x[0]), float(res.x[1]) * 1e9
+    return AllReduceParams(latency_us=lat, bus_Bps=bw)
+
+
+def price_allreduce(df: pd.DataFrame, p: AllReduceParams) -> np.ndarray:
+    return allreduce_fitted_s(df.message_bytes.to_numpy(float), df.num_gpus.to_numpy(), p) * 1e3
+
+
+def price_allreduce_today(df: pd.DataFrame, hw) -> np.ndarray:
+    """`allreduce_s` with the hardware's interconnect and collective latency, milliseconds."""
+    return np.array([allreduce_s(b, int(g), hw.interconnect_Bps, hw.collective_latency_us * 1e-6) * 1e3
+                     for b, g in zip(df.message_bytes.to_numpy(float), df.num_gpus)])
+
+
+def _attn_shape_name(key) -> str:
+    return "h{}_kv{}_d{}".format(*map(int, key))
+
+
+def attention_component(rows: pd.DataFrame, hw, phase: str, seed: int, loso: bool):
+    """(component record, fitted params, plot triple) of one attention phase."""
+    fit = split(len(rows), seed)
+    held = ~fit
+    today = AttentionParams.from_hardware(hw)
+    best = None
+    for cq in (False, True):  # structural choice by the fit-half cost, as MoE's block_m
+        p, cost = fit_attention(rows[fit], replace(today, count_queries=cq), phase)
+        if best is None or cost < best[1]:
+            best = (p, cost)
+    p = best[0]
+    meas = rows.latency_ms.to_numpy(float)
+    pred, uncal = price_attention(rows, p, phase), price_attention(rows, today, phase)
+    comp = {"uncalibrated": errors(uncal[held], meas[held]), "heldout": errors(pred[held], meas[held])}
+    if loso:  # refit without each shape, warm-started from the full fit (time), price all its rows
+        names = np.array([_attn_shape_name(k) for k in rows[ATTN_SHAPE].itertuples(index=False, name=None)])
+        lo = np.full(len(rows), np.nan)
+        x0 = [getattr(p, n) for n in ATTN_X]
+        for name in sorted(set(names)):
+            out = names == name
+            q, _ = fit_attention(rows[fit & ~out], p, phase, starts=(x0,))
+            lo[out] = price_attention(rows[out], q, phase)
+        comp["leave_one_shape_out"] = {**errors(lo, meas), "shapes": int(len(set(names)))}
+    else:
+        comp["leave_one_shape_out"] = None
+    return comp, p, (meas[held], pred[held], uncal[held]), int(fit.sum()), int(held.sum())
+
+
 # ---------------------------------------------------------------- errors
 
 def errors(pred_ms, meas_ms) -> dict:
@@ -203,10 +331,13 @@ def _shape_name(key) -> str:
 # ---------------------------------------------------------------- the whole fit
 
 def run_fit(gpu: str, seed: int = 0, moe: pd.DataFrame | None = None, gemm: pd.DataFrame | None = None,
-            hw=None, loso: bool = True, block_m_grid=BLOCK_M_GRID, plot_dir: str | Path | None = None) -> dict:
+            hw=None, loso: bool = True, block_m_grid=BLOCK_M_GRID, plot_dir: str | Path | None = None,
+            decode_attention: pd.DataFrame | None = None, prefill_attention: pd.DataFrame | None = None,
+            allreduce: pd.DataFrame | None = None, attention_rows: int | None = ATTN_MAX_ROWS) -> dict:
     """Select, split, fit, evaluate; returns the calibration record (module docstring). `moe` /
-    `gemm`: tables in the reader's schema (default: read from the installed package)."""
-    from . import read_gemm, read_moe
+    `gemm` / `decode_attention` / `prefill_attention` / `allreduce`: tables in the reader's schema
+    (default: read from the installed package)."""
+    from . import read_allreduce, read_context_attention, read_gemm, read_generation_attention, read_moe
 
     hw = hardware(gpu) if hw is None else hw
     moe_all = read_moe(gpu) if moe is None else moe
@@ -274,29 +405,62 @@ def run_fit(gpu: str, seed: int = 0, moe: pd.DataFrame | None = None, gemm: pd.D
     for c in ("gemm_decode", "gemm_larger"):
         comps[c]["leave_one_shape_out"] = None  # not computed (22 x 22 GEMM shapes)
 
+    # attention (decode, prefill) and all-reduce: own tables, own seeded splits
+    dec_all = read_generation_attention(gpu) if decode_attention is None else decode_attention
+    pre_all = read_context_attention(gpu) if prefill_attention is None else prefill_attention
+    ar_all = read_allreduce(gpu) if allreduce is None else allreduce
+    attn_p, attn_plots, attn_n = {}, {}, {}
+    for phase, table in (("decode", dec_all), ("prefill", pre_all)):
+        arows, ex = select_attention(table, phase, seed, attention_rows)
+        excluded.update(ex)
+        comps[f"attention_{phase}"], attn_p[phase], attn_plots[f"attention_{phase}"], nf, nh = \
+            attention_component(arows, hw, phase, seed, loso)
+        attn_n[phase] = (nf, nh)
+    ar = ar_all[ar_all.backend == ALLREDUCE_BACKEND].reset_index(drop=True)
+    excluded[f"allreduce: backend not {ALLREDUCE_BACKEND}"] = int(len(ar_all) - len(ar))
+    afit = split(len(ar), seed)
+    ar_p = fit_allreduce(ar[afit])
+    apred, auncal, ameas = price_allreduce(ar, ar_p), price_allreduce_today(ar, hw), ar.latency_ms.to_numpy(float)
+    comps["allreduce"] = {"uncalibrated": errors(auncal[~afit], ameas[~afit]),
+                          "heldout": errors(apred[~afit], ameas[~afit]),
+                          "leave_one_shape_out": None}  # one (latency, bandwidth) per num_gpus: no shape to leave out
+
     record = {
         "gpu": gpu,
         "source": _source(moe_all, gemm_all),
         "date": _dt.date.today().isoformat(),
         "seed": seed,
-        "fit_rows": {"moe": int(mfit.sum()), "gemm": int(gfit.sum())},
-        "heldout_rows": {"moe": int(held.sum()), "gemm": int(gheld.sum())},
-        "params": {"moe": asdict(moe_p), "gemm": asdict(gemm_p)},
-        "uncalibrated_params": {"moe": asdict(today), "gemm": asdict(gemm_today)},
+        "fit_rows": {"moe": int(mfit.sum()), "gemm": int(gfit.sum()), "attention_decode": attn_n["decode"][0],
+                     "attention_prefill": attn_n["prefill"][0], "allreduce": int(afit.sum())},
+        "heldout_rows": {"moe": int(held.sum()), "gemm": int(gheld.sum()), "attention_decode": attn_n["decode"][1],
+                         "attention_prefill": attn_n["prefill"][1], "allreduce": int((~afit).sum())},
+        "params": {"moe": asdict(moe_p), "gemm": asdict(gemm_p),
+                   "attention": {k: asdict(v) for k, v in attn_p.items()}, "allreduce": asdict(ar_p)},
+        "uncalibrated_params": {"moe": asdict(today), "gemm": asdict(gemm_today),
+                                "attention": asdict(AttentionParams.from_hardware(hw)),
+                                "allreduce": {"link_Bps": hw.interconnect_Bps,
+                                              "latency_us": hw.collective_latency_us}},
         "heldout_error": {k: comps["moe_decode"]["heldout"][k] for k in ("median", "p90")},
         "components": comps,
         "excluded": excluded,
         "notes": ("MoE rows: bf16, EP = 1, TP <= 8, local expert weights >= 50 MB, routing_faithful; "
                   "uncalibrated = conf/hardware yaml through the same functions (MoE: gamma = rho = 0, "
                   "no activation bytes; GEMM: weights only, no fixed cost). Power-law rows priced as the "
-                  "mean over 5 seeded draws of the collector's routing, not its own (unseeded) draws."),
+                  "mean over 5 seeded draws of the collector's routing, not its own (unseeded) draws. "
+                  f"Attention: bf16 KV, window 0, head_dim 64/128, FA3, a seeded subsample of {attention_rows} rows "
+                  "per phase; uncalibrated = today's roofline attention term without projection weights "
+                  "(KV bytes / BW vs FLOPs / FLOP/s, + attention_layer_fixed_us); leave-one-shape-out over "
+                  "(num_heads, num_kv_heads, head_dim), warm-started from the full fit. All-reduce: vllm_graph "
+                  "rows, (latency, bus bandwidth) per num_gpus; uncalibrated = allreduce_s with "
+                  "interconnect_gbps and collective_latency_us."),
     }
     if plot_dir is not None:
         record["plots"] = plot(gpu, Path(plot_dir), {
             "moe_decode": (meas[held & decode], pred[held & decode], uncal[held & decode]),
             "moe_larger": (meas[held & ~decode], pred[held & ~decode], uncal[held & ~decode]),
             "gemm_decode": (gmeas[gheld & gdecode], gpred[gheld & gdecode], guncal[gheld & gdecode]),
-            "gemm_larger": (gmeas[gheld & ~gdecode], gpred[gheld & ~gdecode], guncal[gheld & ~gdecode])})
+            "gemm_larger": (gmeas[gheld & ~gdecode], gpred[gheld & ~gdecode], guncal[gheld & ~gdecode]),
+            **attn_plots, "allreduce": (ameas[~afit], apred[~afit], auncal[~afit])})
     return record
 
 
