@@ -33,7 +33,16 @@ FLOAT_REL = 1e-9
 # numpy's dispatched loops and torch's kernels turned down to a pre-AVX2 CPU's.
 BLAS = [({"OPENBLAS_CORETYPE": core}, threads) for core in ("Haswell", "SkylakeX", "Zen", "Sandybridge")
         for threads in (1, 2)]
-OLD_CPU = {"NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR", "ATEN_CPU_CAPABILITY": "default"}
+def _dispatched_features() -> str:
+    """numpy's dispatch targets this CPU has (disabling one it lacks is refused by numpy)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+    except ImportError:  # numpy < 2
+        from numpy.core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+    return " ".join(f for f in __cpu_dispatch__ if __cpu_features__.get(f))
+
+
+OLD_CPU = {"NPY_DISABLE_CPU_FEATURES": _dispatched_features(), "ATEN_CPU_CAPABILITY": "default"}
 
 
 def assert_matches(found: dict, golden: dict, path: str = "") -> None:
