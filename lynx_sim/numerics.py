@@ -10,7 +10,7 @@ routing with this module only:
   (each correctly rounded by the standard, evaluated as separate numpy ufuncs, so never fused
   into an FMA): identical on every IEEE machine, within 3 ulp of numpy's own (tested);
 - `fixed_point_matmul`: a matrix product of values rounded to a fixed-point grid, computed by
-  BLAS on integer-valued float64 whose every partial sum is an integer below 2**53, so it is
+  BLAS on integer-valued float64 whose every partial sum is an integer of at most 2**53, so it is
   exact in any order, with any kernel and any thread count;
 - `sequential_sum`: a reduction in one fixed order (numpy's own reductions may change order
   with the array's layout);
@@ -29,6 +29,7 @@ import numpy as np
 _LN2_HI = 6.93147180369123816490e-01  # ln 2 split so that n * _LN2_HI is exact for |n| < 2**11
 _LN2_LO = 1.90821492927058770002e-10
 _INV_LN2 = 1.44269504088896338700e00
+_EXP_MAX = 709.782712893384  # log of the largest float64: above it e**x overflows
 _EXP_TERMS = [1.0 / math.factorial(i) for i in range(14)]  # Taylor series of exp on |r| <= ln2/2
 _ATANH_TERMS = [1.0 / (2 * j + 1) for j in range(13)]  # log m = 2 atanh(s), |s| <= 0.1716
 
@@ -36,14 +37,15 @@ _ATANH_TERMS = [1.0 / (2 * j + 1) for j in range(13)]  # log m = 2 atanh(s), |s|
 def exp(x) -> np.ndarray:
     """e**x, float64, elementwise; overflow gives inf, underflow 0, NaN stays NaN."""
     x = np.asarray(x, dtype=np.float64)
-    xc = np.clip(np.where(np.isnan(x), 0.0, x), -746.0, 709.78)
+    xc = np.clip(np.where(np.isnan(x), 0.0, x), -746.0, _EXP_MAX)
     n = np.rint(xc * _INV_LN2)
     r = (xc - n * _LN2_HI) - n * _LN2_LO  # |r| <= 0.347
     p = np.full_like(r, _EXP_TERMS[-1])
     for c in reversed(_EXP_TERMS[:-1]):  # Horner
         p = p * r + c
-    out = np.ldexp(p, n.astype(np.int64))  # rounds once into the subnormal range, as IEEE says
-    out = np.where(x > 709.78, np.inf, out)
+    with np.errstate(over="ignore"):
+        out = np.ldexp(p, n.astype(np.int64))  # rounds once into the subnormal range, as IEEE says
+    out = np.where(x > _EXP_MAX, np.inf, out)
     out = np.where(x < -745.2, 0.0, out)
     return np.where(np.isnan(x), np.nan, out)
 
@@ -91,12 +93,12 @@ def quantize(x: np.ndarray, frac_bits: int, bound: float) -> np.ndarray:
 
 def fixed_point_matmul(a_units: np.ndarray, b_units: np.ndarray, frac_bits: int) -> np.ndarray:
     """(a @ b) for integer-valued float64 operands in grid units; the result is scaled back by
-    2**-frac_bits (the two grids' bits together). Exact when every |partial sum| < 2**53,
+    2**-frac_bits (the two grids' bits together). Exact when every |partial sum| <= 2**53,
     which the caller's bounds guarantee and this function checks."""
     inner = a_units.shape[-1]
     worst = float(np.abs(a_units).max(initial=0.0)) * float(np.abs(b_units).max(initial=0.0)) * inner
-    if worst >= 2.0 ** 53:
-        raise ValueError(f"fixed_point_matmul: |partial sums| may reach {worst:.3g} >= 2**53: the product would round")
+    if worst > 2.0 ** 53:  # integers up to 2**53 are exact in float64
+        raise ValueError(f"fixed_point_matmul: |partial sums| may reach {worst:.3g} > 2**53: the product would round")
     return np.ldexp(np.matmul(a_units, b_units), -frac_bits)
 
 

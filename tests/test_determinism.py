@@ -116,6 +116,8 @@ def test_numerics_elementary_functions_are_accurate():
     ref = np.log(y)
     assert (np.abs(numerics.log(y) - ref) <= 4 * np.spacing(np.abs(ref))).all()
     assert numerics.exp(np.array([710.0, -800.0, np.nan])).tolist()[:2] == [np.inf, 0.0]
+    top = np.array([709.781, 709.7827])  # finite up to log(max float64)
+    np.testing.assert_allclose(numerics.exp(top), np.exp(top), rtol=4e-16)
     np.testing.assert_allclose(numerics.power(np.array([2.0, 10.0]), np.array([0.5, -1.0])), [2 ** 0.5, 0.1], rtol=1e-15)
 
 
@@ -129,7 +131,9 @@ def test_fixed_point_product_is_exact_in_any_order():
     reordered = numerics.fixed_point_matmul(a[:, ::-1], b[::-1], 31)
     assert (got == reordered).all()
     with pytest.raises(ValueError, match="2\\*\\*53"):
-        numerics.fixed_point_matmul(np.full((1, 4), 2.0 ** 26), np.full((4, 1), 2.0 ** 26), 0)
+        numerics.fixed_point_matmul(np.full((1, 4), 2.0 ** 26), np.full((4, 1), 2.0 ** 26 + 1), 0)
+    edge = numerics.fixed_point_matmul(np.full((1, 4), 2.0 ** 25), np.full((4, 1), 2.0 ** 26), 0)  # sum = 2**53 exactly
+    assert edge[0, 0] == 2.0 ** 53
 
 
 def test_gram_schmidt_gives_orthonormal_columns():

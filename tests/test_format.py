@@ -662,3 +662,24 @@ def test_layout_is_checked_even_without_verification(tmp_path, arrays):
         with pytest.raises(TraceFormatError, match=r"field '(ids|logits|phase|position|request_id|weights|arrival_s)'"
                                                    r": expected data from byte"):
             open_trace(bad, verify=False)
+
+
+def test_data_layout_names_a_dtype_it_cannot_read(tmp_path, arrays):
+    """A tensor stored in a dtype the reader has no torch type for (safetensors' U32 here) is named,
+    not mapped to None for a later TypeError."""
+    import json
+    import struct
+
+    from lynx_sim.traces.reader import data_layout
+
+    path = write_trace(tmp_path / "t.safetensors", arrays)
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header["position"]["dtype"] = "U32"  # the same width as its I32: a consistent layout, an unreadable dtype
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    bad = tmp_path / "u16.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+    with pytest.raises(TraceFormatError, match="position"):
+        data_layout(bad)

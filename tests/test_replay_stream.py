@@ -207,6 +207,9 @@ def test_streamed_request_hashes_as_the_whole_request(tmp_path, stored):
             s.read()
         late.read()
     RowStream(streamed, 1, 1, block, start=2).read()  # read only from an offset: not named
+    copy = RowStream(streamed, 1, 1, block)
+    copy.seek(0, hashed=False)  # a replayed copy whose random offset is 0: not named either
+    copy.read()
     assert streamed.digest.hexdigest() == whole.digest.hexdigest() and streamed.digest.blocks == 2
     for src in (whole, streamed):  # a request cut short by the run's end: the rows read are named
         RowStream(src, 3, 1, block).read()

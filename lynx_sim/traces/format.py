@@ -67,6 +67,15 @@ def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def distinct_keys(pairs: list) -> dict:
+    """json `object_pairs_hook` refusing a key given twice (json keeps the last one silently)."""
+    keys = [k for k, _ in pairs]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise ValueError(f"repeated keys {dup}")
+    return dict(pairs)
+
+
 @dataclass(frozen=True)
 class TraceMeta:
     """Everything about a trace that is not per token. Stored as JSON in the file header."""
@@ -117,19 +126,12 @@ class TraceMeta:
 
     @classmethod
     def from_json(cls, text: str, file: str = "<memory>") -> "TraceMeta":
-        def unique(pairs):
-            keys = [k for k, _ in pairs]
-            dup = sorted({k for k in keys if keys.count(k) > 1})
-            if dup:
-                raise TraceFormatError(file, "metadata", "a JSON object with distinct keys", f"repeated keys {dup}")
-            return dict(pairs)
-
         if not isinstance(text, str):
             raise TraceFormatError(file, "metadata", "a JSON object in a string", json_found(text))
         try:
-            raw = json.loads(text, object_pairs_hook=unique)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise TraceFormatError(file, "metadata", "a JSON object", f"invalid JSON ({e})") from None
+            raw = json.loads(text, object_pairs_hook=distinct_keys)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+            raise TraceFormatError(file, "metadata", "a JSON object with distinct keys", f"invalid JSON ({e})") from None
         if not isinstance(raw, dict):
             raise TraceFormatError(file, "metadata", "a JSON object", json_found(raw))
         version = raw.get("format_version")
@@ -205,7 +207,8 @@ class TraceMeta:
 # the byte count (F16 -> BF16) still disagrees with them.
 
 
-def digest_hex(data: bytes) -> str:
+def digest_hex(data) -> str:
+    """The checksum of bytes (or any buffer) in the format's algorithm, as hex."""
     import hashlib
 
     return hashlib.new(CHECKSUM_ALGORITHM, data).hexdigest()

@@ -28,7 +28,7 @@ import torch
 
 from .errors import TraceFormatError
 from .format import (CHECKSUM_ALGORITHM, FIELDS, FLOAT_EPS, FORMAT_NAME, FORMAT_VERSION, HEADER_KEYS, TraceMeta,
-                     content_hash, digest_hex, is_int, json_found, parse_checksums)
+                     content_hash, digest_hex, distinct_keys, is_int, json_found, parse_checksums)
 from .validate import check_routing_block, check_shape, check_token_columns
 
 DEFAULT_CHUNK_TOKENS = 4096  # rows per block of `iter_blocks`
@@ -69,14 +69,6 @@ def pread_exact(fd: int, buf: np.ndarray, offset: int, file: str, what: str) -> 
         done += got
 
 
-def _unique_keys(pairs):
-    keys = [k for k, _ in pairs]
-    dup = sorted({k for k in keys if keys.count(k) > 1})
-    if dup:
-        raise ValueError(f"repeated keys {dup}")
-    return dict(pairs)
-
-
 def read_layout(fd: int, file: str) -> tuple[dict[str, str], dict[str, Entry]]:
     """(`__metadata__`, {name: Entry}) of a safetensors file, checked as its specification asks:
     a header inside the file, JSON with distinct keys, known dtypes, offsets that match
@@ -98,7 +90,7 @@ def read_layout(fd: int, file: str) -> tuple[dict[str, str], dict[str, Entry]]:
     raw = np.empty(n, np.uint8)
     pread_exact(fd, raw, 8, file, "file")
     try:
-        header = json.loads(raw.tobytes().decode("utf-8"), object_pairs_hook=_unique_keys)
+        header = json.loads(raw.tobytes().decode("utf-8"), object_pairs_hook=distinct_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise TraceFormatError(file, "file", SAFETENSORS_FILE,
                                f"a header that is not UTF-8 JSON with distinct keys ({e}): not a trace, or corrupted") from None
@@ -375,7 +367,7 @@ def _bytes(t: torch.Tensor) -> np.ndarray:
 
 
 def _digest(t: torch.Tensor) -> str:
-    return hashlib.new(CHECKSUM_ALGORITHM, _bytes(t)).hexdigest()
+    return digest_hex(_bytes(t))
 
 
 def data_layout(path: Path) -> dict[str, tuple[int, torch.dtype, tuple[int, ...]]]:
@@ -385,7 +377,11 @@ def data_layout(path: Path) -> dict[str, tuple[int, torch.dtype, tuple[int, ...]
         _, entries = read_layout(fd, str(path))
     finally:
         os.close(fd)
-    return {n: (e.offset, STORED_DTYPES.get(e.dtype), e.shape) for n, e in entries.items()}
+    unknown = {n: e.dtype for n, e in entries.items() if e.dtype not in STORED_DTYPES}
+    if unknown:
+        name, dtype = next(iter(unknown.items()))
+        raise TraceFormatError(str(path), name, f"a dtype among {sorted(STORED_DTYPES)}", dtype)
+    return {n: (e.offset, STORED_DTYPES[e.dtype], e.shape) for n, e in entries.items()}
 
 
 def open_trace(path: str | Path, verify: bool = True, *, validate: bool | None = None) -> Trace:

@@ -135,11 +135,14 @@ class RowStream:
             self.length = {None: P + O, 0: P, 1: O}[phase]
         self.seek(start)
 
-    def seek(self, row: int) -> None:
-        """Start (over) at `row`; the generator's state is rebuilt from the request's first block."""
+    def seek(self, row: int, hashed: bool | None = None) -> None:
+        """Start (over) at `row`; the generator's state is rebuilt from the request's first block.
+        `hashed`: whether the rows read feed the digest (default: only a first pass, from row 0;
+        a replayed copy passes False even when its random offset is 0)."""
         if not 0 <= row <= self.length:
             raise ValueError(f"request {self.request}: row {row} outside its {self.length} rows")
-        self.next_row, self._blocks, self._hashed = int(row), None, row == 0
+        self.next_row, self._blocks = int(row), None
+        self._hashed = row == 0 if hashed is None else bool(hashed)
 
     def read(self) -> TraceArrays:
         """The next block of rows, from `next_row` on (at least one row; at most `block_rows` from a file)."""

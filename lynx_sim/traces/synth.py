@@ -140,7 +140,7 @@ class SynthParams:
 
 # Fixed-point grids of the exact logit product (numerics.fixed_point_matmul): latent values on
 # 2**-14 within +-2**7 and router entries on 2**-17 within +-2**5 make every partial sum of a
-# latent dimension D <= 1024 an integer below 2**53. The grids are far finer than anything a
+# latent dimension D <= 1024 an integer of at most 2**53 (exact in float64). The grids are far finer than anything a
 # statistic can see (latent std 1, router entries ~1).
 H_BITS, H_BOUND = 14, 2.0 ** 7
 W_BITS, W_BOUND = 17, 2.0 ** 5
