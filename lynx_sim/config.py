@@ -76,7 +76,7 @@ def from_hydra(e: Exception, overrides=()) -> ConfigError:
         keys = f"one of the keys {', '.join(owner.__dataclass_fields__)}" if known else "a key this config node has"
         return ConfigError(key, keys, Worded("an unknown key"))
     t = field_type(owner, leaf)
-    found = getattr(cause, "value", None) if hasattr(cause, "value") else _one_line(cause)
+    found = getattr(cause, "value", None) if hasattr(cause, "value") else Worded(_one_line(cause))
     return ConfigError(key, describe(t) if t is not None else _one_line(cause).split(" full_key")[0], found)
 
 

@@ -315,8 +315,15 @@ def _longest(cfg, longest_request: int | None) -> tuple[int | None, str]:
         return longest_request, "the trace"
     if cfg.trace.kind != "synth":
         return None, ""  # known once the file is open: run() passes it
-    p, o = cfg.synth.prompt_tokens, cfg.synth.output_tokens
-    return int(p["max"]) + int(o["max"]) - 1, f"synth preset {cfg.model.name}"
+    p = _synth(cfg)
+    return p.prompt_tokens["max"] + p.output_tokens["max"] - 1, f"synth preset {cfg.model.name}"
+
+
+def _synth(cfg):
+    """The synth preset, read (and checked) by its own reader."""
+    from .traces.synth import SynthParams
+
+    return _read("synth", SynthParams.from_cfg, cfg.synth)
 
 
 def _trace_path(path) -> None:
@@ -370,7 +377,7 @@ def _layout(cfg, serving: bool) -> None:
     capacity = hand if hand is not None else (mem.kv_capacity_tokens if mem.fits else None)
     # tokens each running request holds at least: one; the steady decode batch runs all B at once,
     # each past its prompt (a synthetic preset's shortest is known)
-    per = 1 if serving or cfg.trace.kind != "synth" else int(cfg.synth.prompt_tokens["min"]) + 1
+    per = 1 if serving or cfg.trace.kind != "synth" else _synth(cfg).prompt_tokens["min"] + 1
     if capacity is not None and cfg.batch * per > capacity:
         where = "serving.kv_capacity_tokens" if hand is not None else f"memory plan of {model.name} on {hw.name}"
         each = "at least one each" if per == 1 else f"at least {per} each: the synth preset's shortest prompt + 1"

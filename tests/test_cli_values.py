@@ -162,6 +162,7 @@ def test_the_command_line_exits_2_with_one_line(tmp_path, args, key):
     ("serving.compare_vanilla=abc", "serving.compare_vanilla"),
     ("workload=closed workload.num_requests=1e9", "workload.num_requests"),
     ("workload=closed workload.num_requests=1000000000", "workload.num_requests"), ("batch=100000", "batch"),
+    ("~synth.prompt_tokens.min", "synth"),  # found in review: read by hand, a KeyError traceback
 ])
 def test_issue_reproducer_is_refused(overrides, key):
     msg = refused(overrides.split(), key)
