@@ -318,3 +318,12 @@ def test_row_counts():
     assert b.shape == (1, 32) and b.sum() == 64 * 8 // 4
     with pytest.raises(ValueError, match="distribution"):
         row_counts(64, 128, 8, "zipf", rng=rng)
+
+
+def test_allreduce_of_an_unknown_element_size_is_named(fake):
+    """Message bytes need the element size: an unknown dtype is refused by name, not priced as NaN."""
+    write(fake, "h200_sxm", "comm", "vllm", "0.25.0", "custom_allreduce_perf.parquet",
+          [{"op_name": "all_reduce", "kernel_source": "vLLM_custom_graph", "allreduce_dtype": "float8_e5m2",
+            "num_gpus": 2, "message_size": 4096, "latency": 0.004, "backend": "vllm_graph"}])
+    with pytest.raises(MeasuredDataError, match="float8_e5m2"):
+        read_allreduce("h200", root=fake)

@@ -5,7 +5,7 @@
 
 `fit` writes the calibration JSON and predicted-vs-measured PNGs (benchmarks/results/calibration/
 beside the JSON); `predict` prices rows given in the table schema and writes them with a
-`predicted_ms` column (default calibration: benchmarks/results/calibration_<gpu>.json).
+`predicted_ms` column (MoE and GEMM rows; default calibration: benchmarks/results/calibration_<gpu>.json).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     f.add_argument("--out", type=Path, default=None, help="default benchmarks/results/calibration_<gpu>.json")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--no-loso", action="store_true", help="skip leave-one-shape-out refits")
-    p = sub.add_parser("predict", help="price rows in the table schema with a calibration")
+    p = sub.add_parser("predict", help="price MoE or GEMM rows in the table schema with a calibration (not attention or all-reduce yet)")
     p.add_argument("--gpu", required=True)
     p.add_argument("rows", type=Path)
     p.add_argument("out", type=Path)
@@ -45,11 +45,13 @@ def main(argv=None) -> int:
         out = a.out or RESULTS / f"calibration_{a.gpu}.json"
         record = F.run_fit(a.gpu, a.seed, loso=not a.no_loso, plot_dir=out.parent / "calibration")
         F.write_record(record, out)
+        def pair(e: dict) -> str:  # a component without rows has None figures
+            return "/".join("-" if e[q] is None else f"{e[q]:.3f}" for q in ("median", "p90"))
+
         for name, c in record["components"].items():
             lo = c.get("leave_one_shape_out")
-            print(f"{name:12s} uncalibrated {c['uncalibrated']['median']:.3f}/{c['uncalibrated']['p90']:.3f}  "
-                  f"held-out {c['heldout']['median']:.3f}/{c['heldout']['p90']:.3f}"
-                  + (f"  leave-one-shape-out {lo['median']:.3f}/{lo['p90']:.3f}" if lo else "")
+            print(f"{name:12s} uncalibrated {pair(c['uncalibrated'])}  held-out {pair(c['heldout'])}"
+                  + (f"  leave-one-shape-out {pair(lo)}" if lo else "")
                   + f"  (median/p90 of |pred/meas - 1|, n={c['heldout']['n']})")
         print(json.dumps(record["params"]))
         print(f"wrote {out}")

@@ -138,7 +138,11 @@ def read_table(gpu: str, table: str, framework: str = "vllm", version: str | Non
         raise ImportError("reading measured tables needs pyarrow: pip install -e \".[measured]\"") from e
     path = table_path(gpu, table, framework, version, root)
     df = pd.read_parquet(path).rename(columns=RENAMES[table])
-    if "message_elements" in df.columns:  # bytes only where the element size is known
+    if "message_elements" in df.columns:
+        unknown = sorted(set(df["dtype"]) - set(DTYPE_BYTES))
+        if unknown:
+            raise MeasuredDataError(f"{path}: dtype: expected one of {sorted(DTYPE_BYTES)} (bytes per element), "
+                                    f"found {unknown}")
         df["message_bytes"] = df["message_elements"] * df["dtype"].map(DTYPE_BYTES)
     if table == "generation_attention":
         df["kv_len"] = df["step"] + 1  # cached history plus the token being decoded
