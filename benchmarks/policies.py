@@ -28,7 +28,7 @@ from lynx_sim.config import compose as compose_cfg
 from lynx_sim.cost import HardwareSpec, Roofline
 from lynx_sim.model import ModelSpec
 from lynx_sim.policies import POLICIES, BatchRouting, build_policy
-from lynx_sim.policies.calibration import Calibration
+from lynx_sim.policies.routing_profile import RoutingProfile
 from lynx_sim.traces.source import build_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,15 +70,15 @@ def main() -> None:
         model = ModelSpec.from_cfg(cfg.model)
         source = build_source(cfg, model)
         cost = Roofline(model, HardwareSpec.from_cfg(cfg.hardware))
-        calib = None
+        profile = None
         for B in BATCHES:
             batch = decode_batch(source, B)
             base = None
             for name in a.policies.split(","):
                 pol = build_policy(compose_cfg([f"model={model_name}", f"policy={name}"]).policy, model, cost.expert_time_s())
-                if pol.needs_calibration:
-                    calib = calib or Calibration.from_source(source)
-                    pol.prepare(calib)
+                if pol.needs_profile:
+                    profile = profile or RoutingProfile.from_source(source)
+                    pol.prepare(profile)
                 t_route = timed(lambda: pol.route(batch), a.repeats)
                 t_select = timed(lambda: pol.select(batch), a.repeats)
                 if name == "vanilla":

@@ -1,43 +1,68 @@
-"""Fit the cost model's MoE terms to measured layer times, and write the calibration JSON that
-`conf/hardware/<gpu>.yaml: calibration` loads (lynx_sim/cost/hardware.py).
+"""Fit the cost model's fused-MoE term to the executor's own measured layer times and write a cost
+calibration in the one format the simulator loads (lynx_sim/cost/calibration.py), as
+`python -m lynx_sim.measured fit` does from NVIDIA's measured tables.
 
-Model (lynx_sim/cost/roofline.py, routed_experts_s): a memory-bound decode MoE layer takes
-    t = distinct x expert_bytes / (peak_bandwidth x eff) + fixed,
-linear in x = distinct x expert_bytes / peak_bandwidth with slope 1 / eff and intercept fixed;
-least squares over the memory-bound points gives both. What remains per kernel tile height
-(BLOCK_M) is reported as the median measured / fitted ratio per block size.
+The executor's rows become rows of the measured-MoE table schema carrying each layer's per-expert
+token counts (`expert_counts`): the same fit (lynx_sim/measured) prices them from the counts the
+kernels ran, not from a rebuilt routing. A seeded half of the rows is fitted, the other half held
+out for the reported error, beside the uncalibrated roofline's error on the same rows. Only the
+MoE component is fitted (the executor times the routed experts alone); a simulator loading the
+file prices the other components uncalibrated and says so.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-
-def fit(table: pd.DataFrame, expert_bytes: float, peak_Bps: float) -> dict:
-    """table: rows with `distinct`, `measured_us`, `memory_bound` (bool) and `block_m`."""
-    pts = table[table.memory_bound]
-    if len(pts) < 2 or pts.distinct.nunique() < 2:
-        raise ValueError(f"calibration needs memory-bound points at 2 or more distinct-expert counts; found "
-                         f"{len(pts)} points at {pts.distinct.nunique()} counts (replay more steps or batch sizes)")
-    x = pts.distinct.to_numpy(float) * expert_bytes / peak_Bps * 1e6  # microseconds at datasheet bandwidth
-    slope, intercept = np.polyfit(x, pts.measured_us.to_numpy(float), 1)
-    if not slope > 0:
-        raise ValueError(f"calibration: time does not grow with distinct experts (slope {slope:.3g}): "
-                         "the points are noise, not a memory-bound layer")
-    fitted = table.distinct.to_numpy(float) * expert_bytes / peak_Bps * 1e6 * slope + max(intercept, 0.0)
-    ratio = table.measured_us.to_numpy(float) / fitted
-    per_block = {str(int(b)): float(np.median(ratio[(table.block_m == b).to_numpy()])) for b in sorted(table.block_m.unique())}
-    resid = np.abs(ratio[table.memory_bound.to_numpy()] - 1.0)
-    return {"factors": {"moe_bandwidth_efficiency": float(1.0 / slope), "moe_layer_fixed_us": float(max(intercept, 0.0))},
-            "block_m_factors": per_block, "points": int(len(pts)),
-            "fit_relative_error": {"median": float(np.median(resid)), "p90": float(np.quantile(resid, 0.9))}}
+from lynx_sim.cost.calibration import FORMAT
+from lynx_sim.cost.moe_layer import MoEKernelParams, moe_load
 
 
-def write(path: Path, result: dict, meta: dict) -> Path:
+def moe_rows(table: pd.DataFrame, hidden: int, inter: int, num_experts: int, topk: int, dtype: str) -> pd.DataFrame:
+    """The executor's measurements (measurements.csv) as rows of the measured-MoE table schema."""
+    return pd.DataFrame({
+        "num_tokens": table.batch.astype(int), "hidden_size": hidden, "inter_size": inter, "topk": topk,
+        "num_experts": num_experts, "moe_tp_size": 1, "moe_ep_size": 1, "dtype": dtype,
+        "distribution": "executor:" + table.routing.astype(str), "latency_ms": table.measured_us / 1e3,
+        "block_m": table.block_m.astype(int),
+        "expert_counts": [np.array(list(map(int, str(c).split())), dtype=np.int64) for c in table.expert_counts],
+    })
+
+
+def fit(rows: pd.DataFrame, hw, device: str, seed: int = 0) -> dict:
+    """The calibration file (lynx_sim/cost/calibration.py format) fitted on `rows` (moe_rows)."""
+    from lynx_sim.measured.fit import errors, fit_moe, price_moe, split
+
+    if len(rows) < 8:
+        raise ValueError(f"calibration needs 8 or more measured layers, found {len(rows)} (replay more steps or layers)")
+    counts = np.stack(rows.expert_counts.to_list())
+    block_m = int(rows.block_m.mode().iloc[0])  # the kernel's most used tile rows (per-row configs vary)
+    today = MoEKernelParams.from_hardware(hw, 2)
+    loads = tuple(np.asarray(a, dtype=float)[:, None] for a in moe_load(counts, block_m))  # [rows, 1 draw]
+    uncal_loads = tuple(np.asarray(a, dtype=float)[:, None] for a in moe_load(counts, today.block_m))
+    keep = split(len(rows), seed)
+    base = replace(today, block_m=block_m, count_activations=True)
+    p, _ = fit_moe(rows[keep], base, tuple(a[keep] for a in loads), hw.flops_efficiency)
+    meas = rows.latency_ms.to_numpy(float)
+    held = ~keep
+    heldout = errors(price_moe(rows, p, loads)[held], meas[held])
+    uncal = errors(price_moe(rows, today, uncal_loads)[held], meas[held])
+    return {"format": FORMAT, "gpu": hw.name, "date": _dt.date.today().isoformat(), "seed": seed,
+            "source": {"kind": "executor", "device": device, "rows": int(len(rows)), "block_m": block_m},
+            "report": None, "params": {"moe": asdict(p)},
+            "heldout": {"moe_decode": {k: heldout[k] for k in ("median", "p90", "n")}},
+            "uncalibrated": {"moe_decode": {k: uncal[k] for k in ("median", "p90", "n")}}}
+
+
+def write(path: Path, record: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**meta, **result}, indent=2) + "\n")
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
+    tmp.replace(path)
     return path

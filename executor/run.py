@@ -7,8 +7,9 @@ the torch policy every step); per MoE layer both selections go through kernels/f
 a layer with the model's real dimensions and seeded random weights, timed as CUDA-graph replays
 (median of `executor.repeats`, weight copies rotated against the L2 cache). Beside each
 measurement: the simulator's prediction of the same layer (Roofline.routed_experts_s), the
-error, the policy's own time. Outputs: measurements.csv, summary.json and, on a GPU,
-calibration.json (executor/calibrate.py) for conf/hardware/<gpu>.yaml.
+error, the policy's own time. Outputs: measurements.csv (with each layer's per-expert token
+counts), summary.json and, on a GPU, calibration.json (executor/calibrate.py): a cost calibration
+in the format the simulator loads (`hardware.calibration=<path>`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from lynx_sim.cost import HardwareSpec, Roofline
 from lynx_sim.engine.replay import ClosedLoopReplay
 from lynx_sim.model import ModelSpec
 from lynx_sim.policies import BatchRouting, build_policy
-from lynx_sim.policies.calibration import Calibration
+from lynx_sim.policies.routing_profile import RoutingProfile
 from lynx_sim.policies.vanilla import Vanilla
 from lynx_sim.run import missing_logits
 from lynx_sim.traces.source import build_source
@@ -62,8 +63,8 @@ def run(cfg, out_dir: str | Path) -> dict:
     approximations: list[str] = []
     fill = missing_logits(cfg, policy, source, approximations)  # approximate_missing=lowest_bin, as the simulator
     policy.check_available(source.fields | ({"logits"} if fill else set()), source.name)
-    if policy.needs_calibration:
-        policy.prepare(Calibration.from_source(source))
+    if policy.needs_profile:
+        policy.prepare(RoutingProfile.from_source(source))
     vanilla = Vanilla(model.router)
     B, E, k, L = int(cfg.batch), model.num_experts, model.top_k, model.num_moe_layers
     steps = int(ex.steps)
@@ -115,13 +116,15 @@ def run(cfg, out_dir: str | Path) -> dict:
                     got = fused_moe(weights[0].x, weights[0].w1, weights[0].w2, ids_l, w_l, config=conf).double().cpu()
                     ref = moe_reference(weights[0].x.cpu(), weights[0].w1.cpu(), weights[0].w2.cpu(), ids_l.cpu(), w_l.cpu())
                     check_err = max(check_err, float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
-                mem_s = distinct * model.expert_bytes / cost.moe_bw
-                flop_s = model.expert_flops(cost.padded(counts, conf.block_m).sum()) / cost.expert_fps
+                mp = cost.moe_params
+                mem_s = distinct * model.expert_bytes / (mp.peak_bandwidth_Bps * mp.bandwidth_efficiency)
+                flop_s = model.expert_flops(cost.padded(counts, conf.block_m).sum()) / (mp.peak_flops * mp.compute_efficiency)
                 pred = float(cost.routed_experts_s(counts[None], conf.block_m)[0])  # padded as the kernel ran
                 rows.append({"step": step, "layer": l, "routing": who, "batch": B, "pairs": int(counts.sum()),
                              "distinct": distinct, "block_m": conf.block_m, "measured_us": t * 1e6, "predicted_us": pred * 1e6,
                              "error": (pred - t) / t, "memory_bound": bool(mem_s >= flop_s), "align_us": t_align * 1e6,
-                             "policy_us": policy_layer_s * 1e6 if who == "policy" else float("nan")})
+                             "policy_us": policy_layer_s * 1e6 if who == "policy" else float("nan"),
+                             "expert_counts": " ".join(map(str, counts.tolist()))})
     table = pd.DataFrame(rows)
     table.to_csv(out_dir / "measurements.csv", index=False)
     summary = _summary(cfg, dev, model, policy, table, H, I, copies, layers, mismatches, check_err, on_kernels)
@@ -131,7 +134,7 @@ def run(cfg, out_dir: str | Path) -> dict:
         summary["notes"].append(f"hardware={hw.name} but the GPU is {dev.name}: predictions and the calibration use "
                                 f"{hw.name}'s datasheet figures (choose the matching hardware=...)")
     if not cpu:
-        summary["calibration"] = _calibrate(table, model, hw, dev, out_dir)
+        summary["calibration"] = _calibrate(calibrate.moe_rows(table, H, I, E, k, str(ex.dtype)), hw, dev, out_dir)
     summary["wall_s"] = round(time.perf_counter() - t0, 3)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     return summary
@@ -178,12 +181,13 @@ def _summary(cfg, dev, model, policy, table, H, I, copies, layers, mismatches, c
     }
 
 
-def _calibrate(table, model, hw, dev, out_dir: Path) -> dict:
-    """Fit moe_bandwidth_efficiency and moe_layer_fixed_us on this run's points (both routings)."""
+def _calibrate(rows, hw, dev, out_dir: Path) -> dict:
+    """Fit the fused-MoE term on this run's layers (both routings) and write calibration.json in
+    the simulator's calibration format (`hardware.calibration=<path>` loads it)."""
     try:
-        result = calibrate.fit(table, model.expert_bytes, hw.hbm_bandwidth_gbps * 1e9)
+        record = calibrate.fit(rows, hw, dev.name)
     except ValueError as e:
         return {"skipped": str(e)}
-    meta = {"device": dev.name, "hardware": hw.name, "model": model.name, "date": date.today().isoformat()}
-    path = calibrate.write(out_dir / "calibration.json", result, meta)
-    return {**result, "path": str(path)}
+    path = calibrate.write(out_dir / "calibration.json", record)
+    return {"path": str(path), "heldout": record["heldout"], "uncalibrated": record["uncalibrated"],
+            "params": record["params"]}

@@ -25,7 +25,7 @@ from .metrics.recorder import StepRecorder
 from .metrics.serving import ServingRecorder, percentiles
 from .model import ModelSpec
 from .policies import build_policy
-from .policies.calibration import Calibration
+from .policies.routing_profile import RoutingProfile
 from .policies.vanilla import Vanilla
 from .schema import validate
 from .traces.source import build_source
@@ -57,10 +57,10 @@ def run(cfg, out_dir: str | Path | None = None, quiet: bool = False) -> dict:
     cost = Roofline(model, hw, parallel, policy_overhead_us=policy.overhead_us)
     fill = missing_logits(cfg, policy, source, approximations)
     policy.check_available(source.fields | ({"logits"} if fill else set()), source.name)
-    if policy.needs_calibration:
-        calib = Calibration.from_source(source)
-        policy.prepare(calib)
-        if not calib.held_out:
+    if policy.needs_profile:
+        profile = RoutingProfile.from_source(source)
+        policy.prepare(profile)
+        if not profile.held_out:
             approximations.append(f"policy '{policy.name}' learned its statistics from the replayed trace itself (in-sample)")
     ctx = dict(cfg=cfg, model=model, hw=hw, source=source, policy=policy, cost=cost, base_cost=base_cost, mem=mem,
                fill=fill, approximations=approximations, assumptions=assumptions, quiet=quiet)
@@ -68,8 +68,7 @@ def run(cfg, out_dir: str | Path | None = None, quiet: bool = False) -> dict:
     note = cfg.model.moe.get("router_approximation")
     if note:
         approximations.append(f"router of {model.name}: {note}")
-    if hw.assumed:
-        assumptions.append(f"cost model terms assumed, not measured on {hw.name}: {', '.join(hw.assumed)}")
+    assumptions.extend(cost.assumptions())
     if policy.overhead_us:
         assumptions.append(f"policy overhead {policy.overhead_us} us per MoE layer is assumed, not measured")
     summary = {
@@ -77,6 +76,7 @@ def run(cfg, out_dir: str | Path | None = None, quiet: bool = False) -> dict:
         "gpus": parallel.gpus, "expert_parallel": parallel.expert_parallel, "workload": kind,
         "trace": source.name, "trace_sha256": source.digest.hexdigest(), "seed": int(cfg.seed),
         "policy_params": policy.params(),
+        "calibration": hw.calibration.describe() if hw.calibration is not None else None,
         **metrics, "memory": mem.as_dict(),
         "wall_s": round(time.perf_counter() - t0, 3),
         "exact": not approximations,
@@ -279,5 +279,12 @@ def print_table(s: dict, out_dir) -> None:
     else:
         console.print(f"speedup (vanilla step time / {s['policy']} step time): [bold]{s['speedup']:.3f}x[/bold]"
                       f"   exact: {s['exact']}")
+    cal = s.get("calibration")
+    if cal:
+        moe = (cal["heldout_error"].get("moe_decode") or {}).get("median")
+        console.print(f"cost model: calibration {cal['name']} ({cal['source']}, {cal['date']}"
+                      + (f"; MoE decode held-out median error {moe:.1%}" if moe is not None else "") + ")")
+    else:
+        console.print(f"cost model: uncalibrated roofline on {s['hardware']} (assumed factors: see summary 'assumptions')")
     if out_dir is not None:
         console.print(f"outputs: {out_dir}/summary.json, steps.csv{', requests.csv' if serving else ''}, trace.json, plots/")

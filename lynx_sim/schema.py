@@ -355,7 +355,17 @@ def _layout(cfg, serving: bool) -> None:
 
     _int(cfg.parallel.gpus, "parallel.gpus", 1)
     model = _read("model", ModelSpec.from_cfg, cfg.model)
-    hw = _read("hardware", HardwareSpec.from_cfg, cfg.hardware)
+    cal = cfg.hardware.get("calibration")
+    hw = _read("hardware", HardwareSpec.from_cfg, OmegaConf.merge(cfg.hardware, {"calibration": None}))
+    if cal is not None:  # its own key: the file, the field and what was expected, in one line
+        from .cost.calibration import CONF_CALIBRATIONS
+
+        try:
+            hw = hw.calibrated(str(cal))
+        except ValueError as e:
+            known = ", ".join(sorted(f.stem for f in CONF_CALIBRATIONS.glob("*.json")))
+            raise ConfigError("hardware.calibration", f"a calibration of {hw.name} (a name among {known}, or the "
+                              "path of a calibration file) or null", Worded(f"{cal!r}: {e}")) from None
     # the policy's constructor checks its parameters; its ValueErrors already name them
     _read("policy", lambda p: build_policy(p, model), cfg.policy, (KeyError, AttributeError))
     par = Parallel(cfg.parallel.gpus, cfg.parallel.expert_parallel)

@@ -54,7 +54,9 @@ GROUPS = [("policy=nope", "policy"), ("model=qwen4", "model"), ("hardware=h300",
           ("trace=npz", "trace"), ("+study=nope", "study"), ("workload=decode_schema", "workload")]
 OPEN = [("model.num_layers=abc", "model"), ("~model.num_layers", "model"), ("hardware.hbm_bandwidth_gbps=abc", "hardware"),
         ("~hardware.name", "hardware"), ("~policy.name", "policy"), ("workload.kind=closed", "workload.kind"),
-        ("trace.kind=file", "trace.kind")]  # open groups, read by their own readers; an option's kind
+        ("trace.kind=file", "trace.kind"), ("hardware.calibration=no_such_gpu", "hardware.calibration"),
+        ("hardware=h200 hardware.calibration=h100_sxm", "hardware.calibration"),
+        ("hardware.calibration=/nonexistent/cal.json", "hardware.calibration")]  # open groups, read by their own readers; an option's kind
 PARSE = [("batch=[1,2", "batch"), ("batch=1,2", "batch"), ("seed=range(3)", "seed"), ("batch=", "batch"),
          ("slo.tpot_ms=(3", "slo.tpot_ms"), ("plots=true,false", "plots")]
 LAYOUT = {  # model: gpus that do not divide its heads, KV heads or expert size (tensor) or experts (expert parallel)
@@ -79,7 +81,7 @@ def cases(seed: int = 0) -> list[tuple[list[str], str]]:
             for v in ["0", "-0.5", "1.01", "2", "nan", "inf", "abc"]]
     out += [([f"{k}={v}"], k) for k in BOOLS for v in NOT_BOOL]
     out += [([f"{k}={v}"], k) for k, vals in ENUMS.items() for v in vals]
-    out += [([o], k) for o, k in UNKNOWN + GROUPS + OPEN + PARSE]
+    out += [(o.split(" "), k) for o, k in UNKNOWN + GROUPS + OPEN + PARSE]
     out += [(["workload=poisson", f"workload={w}", "workload.steps=3"], "workload.steps") for w in ("poisson", "closed")]
     for model, (tp, ep) in LAYOUT.items():
         out += [([f"model={model}", f"parallel.gpus={g}", "memory_check=warn"], "parallel.gpus") for g in tp]
@@ -120,7 +122,7 @@ def test_good_values_pass():
                  ["slo.tpot_ms=null", "slo.ttft_ms=200"], ["parallel.gpus=4"], ["parallel.gpus=8", "parallel.expert_parallel=true"],
                  ["model=mixtral_8x7b", "parallel.gpus=2"], ["approximate_missing=lowest_bin", "memory_check=warn", "plots=false"],
                  ["workload=closed", "serving.chunked_prefill=false", "serving.max_num_batched_tokens=2303"],
-                 ["batch=12354"], ["seed=4294967295"], ["workload=closed", "workload.num_requests=1000000"]):
+                 ["batch=12354"], ["seed=4294967295"], ["hardware.calibration=null"], ["hardware=h200", "hardware.calibration=h200"], ["workload=closed", "workload.num_requests=1000000"]):
         load(over)
 
 

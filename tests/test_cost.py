@@ -1,12 +1,15 @@
-"""The roofline against hand arithmetic, and the facts it must reproduce (LYNX.md section 1).
+"""The step cost model against hand arithmetic, and the facts it must reproduce (LYNX.md section 1).
 
-MoE-layer prices go through `Roofline.moe_layers_s`, the one function `step` (what the
-simulator calls) prices the MoE layers with; `test_step_prices_moe_layers_with_moe_layers_s`
-holds them together."""
+Hand arithmetic runs on the uncalibrated roofline (`load(..., calibrated=False)`: datasheet peaks
+and the hardware yaml's factors), whose terms are short enough to write out; the calibrated model
+(the default, conf/calibration/) is held to the same pricing functions with the fitted parameters
+(`test_calibrated_*`). MoE-layer prices go through `Roofline.moe_layers_s`, the one function
+`step` (what the simulator calls) prices the MoE layers with."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,10 +20,16 @@ from lynx_sim.cost import HardwareSpec, Roofline
 from lynx_sim.model import ModelSpec
 
 
-def load(model="mixtral_8x7b", hw="h100_sxm"):
+def load(model="mixtral_8x7b", hw="h100_sxm", calibrated=False):
     m = ModelSpec.from_cfg(OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml"))
     h = HardwareSpec.from_cfg(OmegaConf.load(CONF_DIR / "hardware" / f"{hw}.yaml"))
+    h = h if calibrated else replace(h, calibration=None)
     return m, h, Roofline(m, h)
+
+
+def roofline_gemm(h, m_tokens, n, k, wb=2):
+    """One GEMM on the uncalibrated roofline: max(weight bytes / BW, FLOPs / FLOP/s)."""
+    return max(n * k * wb / h.bandwidth_Bps, 2.0 * m_tokens * n * k / h.flops_per_s(wb))
 
 
 def test_model_byte_counts():
@@ -40,9 +49,10 @@ def test_moe_layer_hand_arithmetic():
     counts = np.zeros((1, 8), dtype=np.int64)
     counts[0, [0, 3, 5]] = [10, 4, 2]  # 16 assignments = 8 tokens x k=2, 3 distinct experts
     bw = 3350e9 * 0.892  # measured factor of conf/hardware/h100_sxm.yaml
-    bytes_ = 3 * m.expert_bytes + 4096 * 8 * 2
-    flops = 2 * m.expert_params * 16 + 2 * 4096 * 8 * 8
-    expect = max(bytes_ / bw, flops / (989.4e12 * 0.752)) + 12e-6
+    bytes_ = 3 * m.expert_bytes
+    flops = 2 * m.expert_params * 16  # 3 experts, each padded to one 16-row tile
+    router = max(4096 * 8 * 2 / bw, 2 * 8 * 4096 * 8 / (989.4e12 * 0.752))  # [8 tokens, 4096] x [4096, 8]
+    expect = max(bytes_ / bw, flops / (989.4e12 * 0.752)) + 12e-6 + router
     assert r.moe_layers_s(counts, 8)[0][0] == pytest.approx(expect, rel=1e-12)
     assert bytes_ / bw > flops / (989.4e12 * 0.752), "decode at B=8 is memory-bound"
 
@@ -130,41 +140,131 @@ def test_kv_heads_fewer_than_ranks_are_replicated():
     assert Roofline(d, hd, Parallel(2, expert_parallel=True)).kv_bytes_per_token_rank() == (512 + 64) * 2
 
 
-def test_calibration_file_overrides_assumed_factors(tmp_path):
-    _, h, _ = load()
-    path = tmp_path / "cal.json"
-    path.write_text(json.dumps({"device": "test", "factors": {"bandwidth_efficiency": 0.9, "moe_layer_fixed_us": 20}}))
-    c = h.calibrated(path)
-    assert c.bandwidth_efficiency == 0.9 and c.moe_layer_fixed_us == 20 and c.calibrated_from == str(path)
-    path.write_text(json.dumps({"factors": {"warp_speed": 9}}))
-    with pytest.raises(ValueError, match="warp_speed"):
-        h.calibrated(path)
-    with pytest.raises(ValueError, match="readable JSON"):
-        h.calibrated(tmp_path / "absent.json")
-
-
-def test_moe_bandwidth_factor_and_routed_expert_term(tmp_path):
-    """The executor's calibration sets the MoE kernels' own streaming efficiency: it changes the
-    MoE term (and routed_experts_s, the executor's comparison) but not attention; unset, both
-    use bandwidth_efficiency. routed_experts_s by hand: 3 distinct experts, tile-padded FLOPs."""
+def test_routed_expert_term_by_hand():
+    """routed_experts_s (what the executor times): 3 distinct experts streamed, tile-padded FLOPs,
+    the fixed per-layer cost; no router, shared experts or collectives; tile rows as the kernel ran."""
     m, h, r = load()
     counts = np.zeros((2, m.num_experts), dtype=np.int64)
     counts[0, :3] = (1, 2, 20)
     counts[1, 0] = 3
-    bw = h.hbm_bandwidth_gbps * 1e9 * h.bandwidth_efficiency
-    pad = lambda n: -(-n // h.moe_block_m) * h.moe_block_m  # noqa: E731
-    want0 = max(3 * m.expert_bytes / bw, 2.0 * m.expert_params * (pad(1) + pad(2) + pad(20)) / h.flops_per_s(m.weight_bytes))
-    np.testing.assert_allclose(r.routed_experts_s(counts)[0], want0 + h.moe_layer_fixed_us * 1e-6, rtol=1e-12)
-    assert "moe_bandwidth_efficiency" not in h.assumed  # unset: nothing to calibrate yet
-    path = tmp_path / "cal.json"
-    path.write_text(json.dumps({"factors": {"moe_bandwidth_efficiency": h.bandwidth_efficiency / 2}}))
-    c = h.calibrated(path)
-    rc = Roofline(m, c)
-    assert rc.attention_s(8, 4096) == r.attention_s(8, 4096)
-    memory_bound = r.routed_experts_s(counts)[1] - h.moe_layer_fixed_us * 1e-6
-    assert rc.routed_experts_s(counts)[1] - h.moe_layer_fixed_us * 1e-6 == pytest.approx(2 * memory_bound)
-    assert rc.moe_layers_s(counts, 12)[0][1] > r.moe_layers_s(counts, 12)[0][1]
-    assert "moe_bandwidth_efficiency" in c.measured
+    pad = lambda n, b=16: -(-n // b) * b  # noqa: E731
+    want = lambda b: max(3 * m.expert_bytes / h.bandwidth_Bps,  # noqa: E731
+                         2.0 * m.expert_params * (pad(1, b) + pad(2, b) + pad(20, b)) / h.flops_per_s(m.weight_bytes))
+    np.testing.assert_allclose(r.routed_experts_s(counts)[0], want(16) + 12e-6, rtol=1e-12)
+    np.testing.assert_allclose(r.routed_experts_s(counts, block_m=64)[0], want(64) + 12e-6, rtol=1e-12)
+
+
+def test_calibrated_model_prices_through_the_fitted_terms():
+    """With its calibration (the default for h100_sxm and h200) every term is the pricing
+    function of its component with the fitted parameters: the routed experts (moe_layer_s), the
+    router GEMM, attention projections and kernel, the LM head, the all-reduce."""
+    from lynx_sim.cost import Parallel
+    from lynx_sim.cost.attention import attention_decode_s
+    from lynx_sim.cost.gemm import gemm_s
+    from lynx_sim.cost.moe_layer import moe_layer_s
+    from lynx_sim.cost.parallel import allreduce_fitted_s
+
+    m, h, r = load("qwen3_30b_a3b", "h200", calibrated=True)
+    cal = h.calibration
+    assert cal is not None and cal.gpu == "h200" and set(cal.fitted) == {"moe", "gemm", "attention_decode",
+                                                                          "attention_prefill", "allreduce"}
+    counts = np.random.default_rng(0).multinomial(64 * 8, np.full(128, 1 / 128), size=48)
+    H, I, E = 2048, 768, 128
+    g = lambda mt, n, k: float(gemm_s(mt, n, k, 2, cal.gemm, 2.0))  # noqa: E731
+    routed = moe_layer_s(counts, H, I, 2, cal.moe)
+    np.testing.assert_array_equal(r.routed_experts_s(counts), routed)
+    np.testing.assert_allclose(r.moe_layers_s(counts, 64, acted=False)[0], routed + g(64, E, H), rtol=1e-12)
+    proj = g(64, (32 + 2 * 4) * 128, H) + g(64, H, 32 * 128)
+    kernel = float(attention_decode_s(64 * 1000, 32, 4, 128, 2, cal.attention_decode, batch=64))
+    assert r.attention_s(64, 64 * 1000) == pytest.approx(48 * (proj + kernel), rel=1e-12)
+    assert r.lm_head_s(64) == pytest.approx(g(64, m.vocab_size, H), rel=1e-12)
+    tp2 = Roofline(m, h, Parallel(2))
+    ar = float(allreduce_fitted_s(64 * H * 2, 2, cal.allreduce))
+    np.testing.assert_allclose(tp2.moe_layers_s(counts, 64)[1], ar, rtol=1e-12)
+    assert r.expert_time_s() == pytest.approx(3 * H * I * 2 / (cal.moe.peak_bandwidth_Bps * cal.moe.bandwidth_efficiency)
+                                              + cal.moe.expert_us * 1e-6, rel=1e-12)
+
+
+def test_calibrated_decode_is_slower_than_the_roofline():
+    """What the measurements said of the uncalibrated roofline: too fast on decode attention, on
+    small GEMMs and on the MoE layer (fixed costs, overlap, activation traffic)."""
+    counts = np.random.default_rng(1).multinomial(64 * 8, np.full(128, 1 / 128), size=48)
+    for hw in ("h100_sxm", "h200"):
+        _, _, raw = load("qwen3_30b_a3b", hw)
+        _, _, cal = load("qwen3_30b_a3b", hw, calibrated=True)
+        a, b = raw.step(64, 64 * 1500, counts), cal.step(64, 64 * 1500, counts)
+        assert b.attention_s > a.attention_s and b.moe_s > a.moe_s and b.lm_head_s > a.lm_head_s, hw
+
+
+def test_serving_step_prices_decode_and_prefill_attention_apart():
+    """A mixed step: the decode sequences through the decode kernel, the prefill chunks through
+    the prefill kernel with their own pairs, KV reads and query tokens."""
+    from lynx_sim.cost.attention import attention_decode_s, attention_s
+    from lynx_sim.cost.roofline import PrefillWork
+
+    m, h, r = load("qwen3_30b_a3b", "h200", calibrated=True)
+    cal = h.calibration
+    chunk = PrefillWork(seqs=2, tokens=256, cached=100, pairs=128 * 50 + 128 * 129 // 2 + 128 * 129 // 2)
+    B = 30 + 256  # 30 decode sequences and the chunks' 256 tokens
+    mixed = r.attention_s(B, 30 * 500, chunk)
+    pre = float(attention_s(356, chunk.pairs, 2, 32, 4, 128, 2, cal.attention_prefill, query_tokens=256))
+    dec = float(attention_decode_s(30 * 500, 32, 4, 128, 2, cal.attention_decode, batch=30))
+    proj = r._batch(B)["projections"]  # all 286 tokens through the projections
+    assert mixed == pytest.approx(48 * (proj + dec + pre), rel=1e-12)
+    assert r.attention_s(30, 30 * 500) == pytest.approx(48 * (r._batch(30)["projections"] + dec), rel=1e-12)
+
+
+def test_calibration_file_is_checked_by_field(tmp_path):
+    """A calibration is found by name or path, must be of this GPU, and every field is checked:
+    one line naming the file and the field, never a traceback from the dataclass."""
+    from lynx_sim.cost.calibration import CalibrationError, CostCalibration
+
+    _, h, _ = load()
+    good = json.loads((CONF_DIR / "calibration" / "h100_sxm.json").read_text())
+    assert h.calibrated("h100_sxm").calibration.path == "conf/calibration/h100_sxm.json"
+    with pytest.raises(ValueError, match="of gpu 'h200', not 'h100_sxm'"):
+        h.calibrated("h200")
+    with pytest.raises(CalibrationError, match="known names"):
+        CostCalibration.load("no_such_gpu")
+    cases = [
+        (lambda d: d.update(format=7), "'format': expected 1, found 7"),
+        (lambda d: d["params"]["moe"].update(warp=1), r"'params.moe': expected keys among .* found \['warp'\]"),
+        (lambda d: d["params"]["moe"].update(bandwidth_efficiency=1.5), "'params.moe.bandwidth_efficiency': expected a fraction"),
+        (lambda d: d["params"]["gemm"].update(fixed_us="3"), "'params.gemm.fixed_us': expected a finite number"),
+        (lambda d: d["params"]["moe"].update(count_activations=1), "'params.moe.count_activations': expected true/false"),
+        (lambda d: d["params"]["moe"].update(fixed_us=True), "'params.moe.fixed_us': expected a number"),
+        (lambda d: d["params"]["allreduce"]["bus_Bps"].update({"2": 0}), "'params.allreduce.bus_Bps.2'"),
+        (lambda d: d.pop("gpu"), "'gpu': expected a str"),
+    ]
+    for mutate, msg in cases:
+        d = json.loads(json.dumps(good))
+        mutate(d)
+        path = tmp_path / "cal.json"
+        path.write_text(json.dumps(d))
+        with pytest.raises(CalibrationError, match=msg):
+            CostCalibration.load(path)
+    path.write_text("{not json")
+    with pytest.raises(CalibrationError, match="readable JSON"):
+        CostCalibration.load(path)
+    d = json.loads(json.dumps(good))
+    d["params"]["moe"]["peak_bandwidth_Bps"] = 1e12
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="expected the peaks of hardware h100_sxm"):
+        h.calibrated(path)
+
+
+def test_a_component_the_calibration_lacks_is_priced_uncalibrated_and_named(tmp_path):
+    m, h, raw = load("qwen3_30b_a3b")
+    d = json.loads((CONF_DIR / "calibration" / "h100_sxm.json").read_text())
+    del d["params"]["attention"]
+    path = tmp_path / "partial.json"
+    path.write_text(json.dumps(d))
+    r = Roofline(m, h.calibrated(path))
+    assert r.attn_decode == raw.attn_decode and r.moe_params != raw.moe_params
+    notes = r.assumptions()
+    assert any("attention_decode priced uncalibrated" in n for n in notes), notes
+    assert not any("uncalibrated roofline" in n for n in notes)
+    assert any("uncalibrated roofline" in n for n in raw.assumptions())
 
 
 def test_every_hardware_is_complete_and_ordered_by_bandwidth():
@@ -174,7 +274,7 @@ def test_every_hardware_is_complete_and_ordered_by_bandwidth():
 
     times, achievable = {}, {}
     for path in sorted((conf / "hardware").glob("*.yaml")):
-        h = HardwareSpec.from_cfg(OmegaConf.load(path))
+        h = replace(HardwareSpec.from_cfg(OmegaConf.load(path)), calibration=None)  # one model for all
         assert h.hbm_bandwidth_gbps > 0 and h.bf16_tflops > 0 and h.fp8_tflops >= h.bf16_tflops and h.memory_gib > 0
         assert 0 < h.bandwidth_efficiency <= 1 and 0 < h.flops_efficiency <= 1
         m = ModelSpec.from_cfg(OmegaConf.load(CONF_DIR / "model" / "mixtral_8x7b.yaml"))
@@ -233,8 +333,8 @@ def test_expert_parallel_slowest_rank_gates_the_layer():
     ep = Roofline(m, h, Parallel(gpus=2, expert_parallel=True))
     counts = np.array([[4, 4, 4, 4, 0, 0, 0, 0]])  # 8 tokens x k=2
     local_tokens = 4  # ceil(8 / 2) tokens per rank for router work
-    bytes0 = 4 * m.expert_bytes + 4096 * 8 * 2
-    t0 = max(bytes0 / h.bandwidth_Bps, (m.expert_flops(4 * 16) + 2 * 4096 * 8 * local_tokens) / h.flops_per_s(2))
+    t0 = max(4 * m.expert_bytes / h.bandwidth_Bps, m.expert_flops(4 * 16) / h.flops_per_s(2))
+    t0 += roofline_gemm(h, local_tokens, 8, 4096)  # the router on this rank's tokens
     comm0 = 2 * (16 * 0.5 * 4096 * 2 / 900e9 + 10e-6)
     assert ep.moe_layers_s(counts, 8)[0][0] == pytest.approx(t0 + comm0 + 12e-6)
     balanced = np.array([[2, 2, 2, 2, 2, 2, 2, 2]])  # 8 distinct over two ranks: 4 each, less traffic on rank 0

@@ -53,8 +53,9 @@ def test_a_routing_change_shows_in_every_measure():
 
 def test_evaluate_cli_on_a_local_model(tmp_path, monkeypatch):
     """`python -m lynx_sim.evaluate` end to end on a saved tiny model (offline), Lynx with its
-    Mixtral defaults; a calibrated rule learns from the model's own routing (in-sample by
-    default, held out with --calib-prompts) or from a recorded trace, whose shape must match."""
+    Mixtral defaults; a rule that learns a routing profile learns it from the model's own
+    routing (in-sample by default, held out with --profile-prompts) or from a recorded trace, whose
+    shape must match."""
     import json
 
     from test_record import save_tiny
@@ -75,21 +76,21 @@ def test_evaluate_cli_on_a_local_model(tmp_path, monkeypatch):
             "--max-new-tokens", "4", "--out", str(out)]
     assert main([*base, "--policy", "prune", "--set", "keep_fraction=0.5"]) == 0
     r = json.loads(out.read_text())
-    assert r["calibration"]["in_sample"] is True and r["calibration"]["tokens"] > 0
+    assert r["routing_profile"]["in_sample"] is True and r["routing_profile"]["tokens"] > 0
     assert r["distinct_experts"]["policy"] <= 4  # half of 8 experts kept per layer
     (tmp_path / "c.txt").write_text("w10 w11 w12\nw13 w14\n")
-    assert main([*base, "--policy", "layer_k", "--calib-prompts", str(tmp_path / "c.txt")]) == 0
-    assert json.loads(out.read_text())["calibration"]["in_sample"] is False
+    assert main([*base, "--policy", "layer_k", "--profile-prompts", str(tmp_path / "c.txt")]) == 0
+    assert json.loads(out.read_text())["routing_profile"]["in_sample"] is False
     from lynx_sim.traces.__main__ import main as traces_main
 
     assert traces_main(["record", str(tmp_path / "t.safetensors"), "--model", str(tmp_path / "m"), "--prompts",
                         str(tmp_path / "c.txt"), "--max-new-tokens", "4"]) == 0
-    assert main([*base, "--policy", "sere", "--calib-trace", str(tmp_path / "t.safetensors")]) == 0
-    assert json.loads(out.read_text())["calibration"]["source"].startswith("trace:")
+    assert main([*base, "--policy", "sere", "--profile-trace", str(tmp_path / "t.safetensors")]) == 0
+    assert json.loads(out.read_text())["routing_profile"]["source"].startswith("trace:")
     save_tiny("deepseek_v3", tmp_path / "q")  # another router (grouped_topk)
     assert traces_main(["record", str(tmp_path / "q.safetensors"), "--model", str(tmp_path / "q"), "--prompts",
                         str(tmp_path / "c.txt"), "--max-new-tokens", "2"]) == 0
-    assert main([*base, "--policy", "sere", "--calib-trace", str(tmp_path / "q.safetensors")]) == 2
+    assert main([*base, "--policy", "sere", "--profile-trace", str(tmp_path / "q.safetensors")]) == 2
 
 
 def test_harness_adapter_without_lm_eval_says_so(monkeypatch, capsys):
@@ -191,10 +192,10 @@ def test_harness_adapter_runs_lm_eval_tasks(tmp_path, monkeypatch):
     assert one["tiny_mc"] != plain["tiny_mc"] and one["tiny_gen"] != plain["tiny_gen"]
     lynx = run("lynx", "--policy", "lynx")
     assert lynx["tiny_mc"] == plain["tiny_mc"]  # decode-only: log-likelihoods are one prefill forward
-    assert main(["--policy", "prune", *common]) == 2  # a calibrated rule without calibration routing
-    (tmp_path / "calib.txt").write_text("w20 w21 w22\nw23 w24\nw25 w26 w27 w28\n")
-    pruned = run("prune", "--policy", "prune", "--set", "keep_fraction=0.25", "--calib-prompts",
-                 str(tmp_path / "calib.txt"))  # learns from the model's own routing; acts in prefill too
+    assert main(["--policy", "prune", *common]) == 2  # a rule that learns a routing profile, given none
+    (tmp_path / "profile.txt").write_text("w20 w21 w22\nw23 w24\nw25 w26 w27 w28\n")
+    pruned = run("prune", "--policy", "prune", "--set", "keep_fraction=0.25", "--profile-prompts",
+                 str(tmp_path / "profile.txt"))  # learns from the model's own routing; acts in prefill too
     assert pruned["tiny_mc"] != plain["tiny_mc"]
 
 
@@ -229,17 +230,17 @@ def test_the_policy_sees_live_rows_only():
     assert p.stats[0].rows == [B] + [B - 1] * (len(spy.rows[2 * L:]) // L)
 
 
-def test_calibrated_rules_act_per_layer_in_the_closed_loop():
+def test_profiled_rules_act_per_layer_in_the_closed_loop():
     """prune learns its kept experts per layer from the model's own routing; inside the model
     every token of every layer then uses kept experts only (seen by a tap after the patch)."""
     from lynx_sim.evaluate.__main__ import build_policy_for
-    from lynx_sim.evaluate.calibrate import from_model
+    from lynx_sim.evaluate.routing_profile import from_model
     from lynx_sim.traces.record import RouterTap
 
     model = build("mixtral")
-    calib = from_model(model, PROMPTS, batch_size=2, max_new_tokens=6, pad=0, eos={1}, held_out=False)
-    assert calib.num_layers == 2 and calib.ids.shape[0] > 0
-    pol = build_policy_for(model, "prune", sets=["keep_fraction=0.25"], calib=calib)
+    profile = from_model(model, PROMPTS, batch_size=2, max_new_tokens=6, pad=0, eos={1}, held_out=False)
+    assert profile.num_layers == 2 and profile.ids.shape[0] > 0
+    pol = build_policy_for(model, "prune", sets=["keep_fraction=0.25"], profile=profile)
     kept = pol.kept  # [L, E]
     assert not torch.equal(kept[0], kept[1]), "pick a seed whose layers keep different experts"
     ids, mask = pad_left(PROMPTS, 0)
@@ -255,8 +256,8 @@ def test_calibrated_rules_act_per_layer_in_the_closed_loop():
 
 
 def test_cost_aware_rules_price_this_models_experts():
-    """oracle's expert time in the closed loop: this model's expert bytes (float64 here) at the
-    MoE bandwidth of the named hardware config."""
+    """oracle's expert time in the closed loop: this model's expert bytes (float64 here) streamed
+    at the named hardware's calibrated MoE bandwidth, plus its per-expert start-up."""
     from lynx_sim.config import compose
     from lynx_sim.cost.hardware import HardwareSpec
     from lynx_sim.evaluate.__main__ import build_policy_for, expert_bytes
@@ -265,8 +266,9 @@ def test_cost_aware_rules_price_this_models_experts():
     assert expert_bytes(model) == 3 * 32 * 48 * 8  # gate, up, down of H=32, I=48
     for hw in ("h100_sxm", "h200"):
         pol = build_policy_for(model, "oracle", hardware=hw)
-        bw = HardwareSpec.from_cfg(compose([f"hardware={hw}"]).hardware).moe_bandwidth_Bps
-        assert pol.expert_time_s == pytest.approx(3 * 32 * 48 * 8 / bw, rel=1e-12)
+        p = HardwareSpec.from_cfg(compose([f"hardware={hw}"]).hardware).calibration.moe
+        want = 3 * 32 * 48 * 8 / (p.peak_bandwidth_Bps * p.bandwidth_efficiency) + p.expert_us * 1e-6
+        assert pol.expert_time_s == pytest.approx(want, rel=1e-12)
 
 
 @pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
@@ -295,13 +297,13 @@ def test_every_registry_policy_runs_in_the_closed_loop():
     """Each policy of the registry, with its conf/ parameters (Mixtral defaults), inside the model:
     tokens come out, every decode step is measured, and the rule's own routing is what the experts got."""
     from lynx_sim.evaluate.__main__ import build_policy_for
-    from lynx_sim.evaluate.calibrate import from_model
+    from lynx_sim.evaluate.routing_profile import from_model
     from lynx_sim.policies import POLICIES
 
     model = build("mixtral")
-    calib = from_model(model, PROMPTS, batch_size=4, max_new_tokens=4, pad=0, eos={1}, held_out=False)
+    profile = from_model(model, PROMPTS, batch_size=4, max_new_tokens=4, pad=0, eos={1}, held_out=False)
     for name in sorted(POLICIES):
-        pol = build_policy_for(model, name, calib=calib)
+        pol = build_policy_for(model, name, profile=profile)
         r = compare(model, pol, PROMPTS, batch_size=4, max_new_tokens=3, pad=0, eos={1})
         assert r["policy"] == name and r["generated_tokens"] > 0, name
         assert 0 <= r["greedy_token_agreement"] <= 1 and r["next_token_kl_nats"] >= -1e-9, name

@@ -65,6 +65,9 @@ def test_cpu_mode_replays_the_simulators_batches(tmp_path):
     assert s["reference_check_max_rel_error"] < 3e-2  # bf16 kernels against float64
     assert s["simulator_error"] is None and any("not GPU speed" in n for n in s["notes"])
     assert (table.pairs == 4 * 2).all()
+    rows = calibrate.moe_rows(table, 64, 64, 8, 2, "bfloat16")  # the fit's schema: the counts the kernels ran
+    assert [int(c.sum()) for c in rows.expert_counts] == table.pairs.tolist()
+    assert [int((c > 0).sum()) for c in rows.expert_counts] == table.distinct.tolist()
     sim = simulate(cfg, quiet=True)  # the same steps in the simulator: same experts per layer
     per_layer = table.groupby(["routing", "layer"]).distinct.mean()
     np.testing.assert_allclose(per_layer["policy"].to_numpy(), sim["per_layer"]["distinct_experts"]["policy"], atol=1e-6)
@@ -73,30 +76,43 @@ def test_cpu_mode_replays_the_simulators_batches(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["batch"] == 4
 
 
-def test_calibration_fit_recovers_known_factors():
-    """Synthetic layer times from known efficiency and fixed cost (plus 1% noise) come back."""
-    rng = np.random.default_rng(0)
-    expert_bytes, peak = 352e6, 3.35e12
-    distinct = rng.integers(1, 9, 200)
-    t = distinct * expert_bytes / (peak * 0.81) * 1e6 + 14.0
-    table = pd.DataFrame({"distinct": distinct, "measured_us": t * (1 + 0.01 * rng.standard_normal(200)),
-                          "memory_bound": True, "block_m": np.where(distinct > 4, 32, 16)})
-    r = calibrate.fit(table, expert_bytes, peak)
-    assert r["factors"]["moe_bandwidth_efficiency"] == pytest.approx(0.81, rel=0.01)
-    assert r["factors"]["moe_layer_fixed_us"] == pytest.approx(14.0, abs=10.0)
-    assert r["fit_relative_error"]["median"] < 0.01 and set(r["block_m_factors"]) == {"16", "32"}
-    with pytest.raises(ValueError, match="2 or more distinct-expert counts"):
-        calibrate.fit(table[table.distinct == 3], expert_bytes, peak)
+def _executor_table(rng, n, true, H=512, I=256, E=64, k=8, noise=0.01):
+    """measurements.csv rows of a 64-expert layer whose times follow `true` (MoEKernelParams)."""
+    from lynx_sim.cost.moe_layer import moe_layer_s
+
+    B = rng.choice([4, 16, 64, 256], n)
+    counts = np.stack([np.bincount(rng.choice(E, (b, k)).ravel(), minlength=E) for b in B])
+    t = moe_layer_s(counts, H, I, 2, true) * (1 + noise * rng.standard_normal(n))
+    return pd.DataFrame({"batch": B, "routing": "vanilla", "measured_us": t * 1e6, "block_m": true.block_m,
+                         "expert_counts": [" ".join(map(str, c)) for c in counts], "distinct": (counts > 0).sum(-1)})
 
 
-def test_calibration_file_loads_into_the_cost_model(tmp_path):
-    """What the executor writes, the hardware config loads (the loop the GPU issue closes)."""
-    from lynx_sim.cost import HardwareSpec
+def test_calibration_fit_recovers_the_kernel_and_writes_the_simulators_format(tmp_path):
+    """Layer times from known fused-MoE parameters (1% noise) are predicted on held-out layers to
+    about the noise; the file is the format the simulator loads, the MoE term priced with it."""
+    from dataclasses import replace
 
-    path = calibrate.write(tmp_path / "cal.json", {"factors": {"moe_bandwidth_efficiency": 0.7, "moe_layer_fixed_us": 9.0}},
-                           {"device": "test"})
-    hw = HardwareSpec.from_cfg(compose_cfg(["hardware=h100_sxm", f"hardware.calibration={path}"]).hardware)
-    assert hw.moe_bandwidth_efficiency == 0.7 and hw.moe_layer_fixed_us == 9.0 and "moe_layer_fixed_us" not in hw.assumed
+    from lynx_sim.cost import HardwareSpec, Roofline
+    from lynx_sim.cost.moe_layer import MoEKernelParams, moe_layer_s
+    from lynx_sim.model import ModelSpec
+
+    hw = HardwareSpec.from_cfg(compose_cfg(["hardware=h200"]).hardware)
+    true = replace(MoEKernelParams.from_hardware(hw, 2), fixed_us=25.0, bandwidth_efficiency=0.7, compute_efficiency=0.5,
+                   gamma=0.3, block_m=16, count_activations=True)
+    rows = calibrate.moe_rows(_executor_table(np.random.default_rng(0), 400, true), 512, 256, 64, 8, "bfloat16")
+    rec = calibrate.fit(rows, hw, "test GPU")
+    assert rec["heldout"]["moe_decode"]["median"] < 0.015 < rec["uncalibrated"]["moe_decode"]["median"]
+    path = calibrate.write(tmp_path / "calibration.json", rec)
+    cal = HardwareSpec.from_cfg(compose_cfg(["hardware=h200", f"hardware.calibration={path}"]).hardware)
+    assert cal.calibration.fitted == ("moe",) and cal.calibration.source_line() == "executor (test GPU)"
+    model = ModelSpec.from_cfg(compose_cfg(["model=mixtral_8x7b"]).model)
+    counts = np.random.default_rng(1).multinomial(32, np.full(8, 1 / 8), size=4)
+    r = Roofline(model, cal)
+    want = moe_layer_s(counts, model.hidden_size, model.expert_intermediate_size, 2, cal.calibration.moe)
+    np.testing.assert_array_equal(r.routed_experts_s(counts), want)
+    assert any("attention_decode priced uncalibrated" in a for a in r.assumptions())
+    with pytest.raises(ValueError, match="8 or more measured layers"):
+        calibrate.fit(rows[:5], hw, "test GPU")
 
 
 def test_weight_copies_defeat_l2():

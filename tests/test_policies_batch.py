@@ -1,4 +1,4 @@
-"""The batch- and calibration-aware expert-reduction rules: prune, capacity, batch_budget, sere, oracle.
+"""The batch- and routing-profile-aware expert-reduction rules: prune, capacity, batch_budget, sere, oracle.
 
 For each rule: a hand-computed case with exact ids and weights, its neutral parameters equal
 vanilla on random batches, edge cases (B = 1, all tokens on one expert, an unused expert,
@@ -18,7 +18,7 @@ from conftest import compose_cfg
 from lynx_sim.model import ModelSpec
 from lynx_sim.policies import POLICIES, BatchRouting, PolicyContext, PolicyInputError, build_policy
 from lynx_sim.policies.batch_budget import BatchBudget
-from lynx_sim.policies.calibration import Calibration
+from lynx_sim.policies.routing_profile import RoutingProfile
 from lynx_sim.policies.capacity import Capacity, capacity_ranks
 from lynx_sim.policies.fidelity import DROPPED
 from lynx_sim.policies.oracle import Oracle
@@ -51,22 +51,22 @@ def random_batch(seed, L=2, B=16, E=12, k=3, renorm=True, kind="softmax", ties=F
     return spec, BatchRouting(ids, w, Z)
 
 
-def random_calibration(spec, L, seed=1, N=256, logits=True):
+def random_profile(spec, L, seed=1, N=256, logits=True):
     g = np.random.default_rng(seed)
     z = torch.from_numpy(g.normal(size=(N, L, spec.num_experts)) * 2).float()
     ids, w = route(z, spec)
-    return Calibration(ids, w, z if logits else None, spec.num_experts, held_out=True)
+    return RoutingProfile(ids, w, z if logits else None, spec.num_experts, held_out=True)
 
 
-def calibration_from_ids(ids, E):
-    """A Calibration of one layer whose tokens use the given experts (no weights, no logits)."""
-    return Calibration(T(ids, torch.int64)[:, None, :], None, None, E, held_out=True)
+def profile_from_ids(ids, E):
+    """A RoutingProfile of one layer whose tokens use the given experts (no weights, no logits)."""
+    return RoutingProfile(T(ids, torch.int64)[:, None, :], None, None, E, held_out=True)
 
 
 def built(name, spec, L, **params):
     pol = POLICIES[name](PolicyContext(spec, 5e-6), **params)
-    if pol.needs_calibration:
-        pol.prepare(random_calibration(spec, L))
+    if pol.needs_profile:
+        pol.prepare(random_profile(spec, L))
     return pol
 
 
@@ -130,8 +130,8 @@ def test_all_tokens_on_one_expert(name):
     ids = torch.full((1, 10, 1), 5)
     w = torch.ones(1, 10, 1)
     pol = POLICIES[name](spec, **STRONG[name])
-    if pol.needs_calibration:  # calibration also puts everything on expert 5
-        pol.prepare(calibration_from_ids([[5]] * 4, 8))
+    if pol.needs_profile:  # the profile also puts everything on expert 5
+        pol.prepare(profile_from_ids([[5]] * 4, 8))
     sel = pol.select(BatchRouting(ids, w))
     assert torch.equal(sel.ids, ids) and torch.equal(sel.weights, w)
     assert sel.fidelity.distinct_experts.tolist() == [1]
@@ -171,10 +171,10 @@ def test_short_simulation(name, overrides):
 # --- prune ---
 
 def test_prune_hand_case():
-    """Calibration frequencies 2, 1, 3, 2: keep_fraction 0.5 keeps experts 2 and 0 (0 beats 3 on the tie)."""
+    """Profile frequencies 2, 1, 3, 2: keep_fraction 0.5 keeps experts 2 and 0 (0 beats 3 on the tie)."""
     spec = RouterSpec(4, 2)
     pol = Prune(spec, keep_fraction=0.5)
-    pol.prepare(calibration_from_ids([[2, 0], [2, 3], [2, 1], [0, 3]], 4))
+    pol.prepare(profile_from_ids([[2, 0], [2, 3], [2, 1], [0, 3]], 4))
     assert pol.kept.tolist() == [[True, False, True, False]]
     Z = T([[[1.0, 0.0, 2.0, -1.0], [0.0, 3.0, 1.0, -5.0], [0.0, 0.0, 0.0, 5.0]]])
     ids, w = route(Z, spec)
@@ -188,7 +188,7 @@ def test_prune_hand_case():
     sel = pol.select(BatchRouting(ids, w))
     assert_routing(sel, [[[2, 0], [-1, 2], [-1, 0], [1, -1]]], [[[0.7, 0.3], [0, 1], [0, 1], [1, 0]]])
     sel = Prune(spec, 0.5, renormalize=False)
-    sel.prepare(calibration_from_ids([[2, 0], [2, 3], [2, 1], [0, 3]], 4))
+    sel.prepare(profile_from_ids([[2, 0], [2, 3], [2, 1], [0, 3]], 4))
     assert_routing(sel.select(BatchRouting(ids, w)), [[[2, 0], [-1, 2], [-1, 0], [1, -1]]],
                    [[[0.7, 0.3], [0, 0.4], [0, 0.1], [0.8, 0]]])
 
@@ -197,7 +197,7 @@ def test_prune_fewer_kept_than_k():
     """keep_fraction 0.25 of 4 experts keeps 1 (expert 2) with k = 2: every token gets [2, DROPPED]."""
     spec = RouterSpec(4, 2)
     pol = Prune(spec, keep_fraction=0.25)
-    pol.prepare(calibration_from_ids([[2, 0], [2, 3], [2, 1], [0, 3]], 4))
+    pol.prepare(profile_from_ids([[2, 0], [2, 3], [2, 1], [0, 3]], 4))
     Z = T([[[1.0, 0.0, 2.0, -1.0], [0.0, 3.0, 1.0, -5.0]]])
     sel = pol.select(BatchRouting(*route(Z, spec), Z))
     assert_routing(sel, [[[2, -1], [2, -1]]], [[[1, 0], [1, 0]]])
@@ -242,10 +242,10 @@ def test_prune_errors():
     with pytest.raises(PolicyInputError, match="prepare"):
         Prune(spec).select(batch)
     pol = Prune(spec)
-    with pytest.raises(PolicyInputError, match="calibration has 4 experts"):
-        pol.prepare(calibration_from_ids([[0, 1]], 4))
-    pol.prepare(random_calibration(spec, L=3))
-    with pytest.raises(PolicyInputError, match="calibrated on 3 MoE layers"):
+    with pytest.raises(PolicyInputError, match="routing profile has 4 experts"):
+        pol.prepare(profile_from_ids([[0, 1]], 4))
+    pol.prepare(random_profile(spec, L=3))
+    with pytest.raises(PolicyInputError, match="profiled on 3 MoE layers"):
         pol.select(batch)
 
 
@@ -363,7 +363,7 @@ def test_batch_budget_errors():
 
 def hand_sere(k=2, **params):
     pol = Sere(RouterSpec(4, k), **params)
-    pol.prepare(calibration_from_ids([[0, 1, 2][:k]], 4))
+    pol.prepare(profile_from_ids([[0, 1, 2][:k]], 4))
     return pol
 
 
@@ -402,7 +402,7 @@ def test_sere_stronger_slot_chooses_first_and_top_s():
     assert pol.select(BatchRouting(ids, w)).ids.tolist() == [[[0, 1, 2], [2, 0, 1]]]
 
 
-def test_sere_similarity_from_calibration():
+def test_sere_similarity_from_profile():
     g = np.random.default_rng(0)
     z = g.normal(size=(200, 2, 5))
     z[:, 1, 3] = 1.5  # a constant expert: correlation undefined -> 0
@@ -416,8 +416,8 @@ def test_sere_similarity_from_calibration():
     assert (cos[4] == 0).all()  # never used
     spec = RouterSpec(5, 2)
     with_logits, ids_only = Sere(spec), Sere(spec)
-    with_logits.prepare(random_calibration(spec, L=2))
-    ids_only.prepare(random_calibration(spec, L=2, logits=False))
+    with_logits.prepare(random_profile(spec, L=2))
+    ids_only.prepare(random_profile(spec, L=2, logits=False))
     assert with_logits.sim_kind == "logit_pearson" and ids_only.sim_kind == "coactivation_cosine"
     assert with_logits.sim.shape == ids_only.sim.shape == (2, 5, 5)
 
@@ -434,8 +434,8 @@ def test_sere_errors():
     with pytest.raises(PolicyInputError, match="prepare"):
         Sere(spec).select(batch)
     pol = Sere(spec)
-    pol.prepare(random_calibration(spec, L=1))
-    with pytest.raises(PolicyInputError, match="calibrated on 1 MoE layers"):
+    pol.prepare(random_profile(spec, L=1))
+    with pytest.raises(PolicyInputError, match="profiled on 1 MoE layers"):
         pol.select(batch)
 
 

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from conftest import CONF_DIR, compose_cfg
 from lynx_sim.model import ModelSpec
 from lynx_sim.policies import POLICIES, BatchRouting, PolicyInputError, build_policy
-from lynx_sim.policies.calibration import Calibration
+from lynx_sim.policies.routing_profile import RoutingProfile
 from lynx_sim.policies.fidelity import DROPPED
 from lynx_sim.policies.layer_k import allocate
 from lynx_sim.routing import RouterSpec, route
@@ -58,15 +58,15 @@ def random_batch(seed, L, B, E, k, kind="softmax", renorm=True, shuffle=False, q
     return spec, BatchRouting(ids, w, Z)
 
 
-def calibration(spec: RouterSpec, L: int, seed: int = 0, N: int = 64) -> Calibration:
+def random_profile(spec: RouterSpec, L: int, seed: int = 0, N: int = 64) -> RoutingProfile:
     _, b = random_batch(seed, N, L, spec.num_experts, spec.top_k)  # [N, L, ...] layout: tokens first
-    return Calibration(b.ids, b.weights, b.logits, spec.num_experts, held_out=True)
+    return RoutingProfile(b.ids, b.weights, b.logits, spec.num_experts, held_out=True)
 
 
 def build(name, spec, L=1, **params):
     pol = POLICIES[name](spec, **params)
-    if pol.needs_calibration:
-        pol.prepare(calibration(spec, L))
+    if pol.needs_profile:
+        pol.prepare(random_profile(spec, L))
     return pol
 
 
@@ -95,11 +95,11 @@ def test_static_k_at_model_k_is_a_no_op_and_above_is_refused():
 
 # --- layer_k --------------------------------------------------------------------------------
 
-def layer_calibration(weights_per_layer, n=5):
-    """Every calibration token of layer l has the given weights (ids arbitrary but distinct)."""
+def layer_profile(weights_per_layer, n=5):
+    """Every profile token of layer l has the given weights (ids arbitrary but distinct)."""
     w = torch.tensor(weights_per_layer, dtype=torch.float32)[None].expand(n, -1, -1).contiguous()  # [N, L, k]
     ids = torch.arange(w.shape[-1]).expand(w.shape).contiguous()
-    return Calibration(ids, w, None, 6, held_out=True)
+    return RoutingProfile(ids, w, None, 6, held_out=True)
 
 
 @pytest.mark.parametrize("mean_k, expected", [(5 / 3, [1, 2, 2]), (2.0, [1, 2, 3]), (1.0, [1, 1, 1]),
@@ -108,9 +108,9 @@ def test_layer_k_allocation_by_hand(mean_k, expected):
     """Marginal gains of slots 2, 3: layer 0: .05 .05, layer 1: .3 .2, layer 2: .35 .25 (weights
     given unsorted). Budget floor(mean_k * 3 + .5): 5 -> +.35, +.3; 6 -> also +.25; 1.5 -> 4.5 -> 5;
     mean_k = E = 6 (its upper bound) clamps to k per layer."""
-    calib = layer_calibration([[0.05, 0.9, 0.05], [0.3, 0.2, 0.5], [0.25, 0.4, 0.35]])
+    profile = layer_profile([[0.05, 0.9, 0.05], [0.3, 0.2, 0.5], [0.25, 0.4, 0.35]])
     pol = POLICIES["layer_k"](RouterSpec(6, 3), mean_k=mean_k)
-    pol.prepare(calib)
+    pol.prepare(profile)
     assert pol.k_per_layer.tolist() == expected
     assert pol.params()["k_per_layer"] == expected
 
@@ -119,9 +119,9 @@ def test_layer_k_ties_go_to_lower_rank_then_lower_layer():
     gains = torch.full((3, 3), 1 / 3, dtype=torch.float64)  # uniform weights: all gains tie
     assert allocate(gains, 5).tolist() == [2, 2, 1]
     assert allocate(gains, 7).tolist() == [3, 2, 2]
-    calib = Calibration(torch.arange(3).expand(4, 3, 3).contiguous(), None, None, 6, held_out=True)
+    profile = RoutingProfile(torch.arange(3).expand(4, 3, 3).contiguous(), None, None, 6, held_out=True)
     pol = POLICIES["layer_k"](RouterSpec(6, 3), mean_k=5 / 3)
-    pol.prepare(calib)
+    pol.prepare(profile)
     assert pol.k_per_layer.tolist() == [2, 2, 1]
 
 
@@ -129,7 +129,7 @@ def test_layer_k_ties_go_to_lower_rank_then_lower_layer():
 def test_layer_k_routes_each_layer_as_static_k(renorm):
     """Layers 0, 1, 2 keep 1, 2, 3 slots: each layer equals static_k with that k."""
     pol = POLICIES["layer_k"](SPEC, mean_k=2.0, renormalize=renorm)
-    pol.prepare(layer_calibration([[0.9, 0.04, 0.03, 0.03], [0.5, 0.3, 0.1, 0.1], [0.3, 0.3, 0.3, 0.1]]))
+    pol.prepare(layer_profile([[0.9, 0.04, 0.03, 0.03], [0.5, 0.3, 0.1, 0.1], [0.3, 0.3, 0.3, 0.1]]))
     assert pol.k_per_layer.tolist() == [1, 2, 3]
     sel = pol.select(hand_batch(layers=3))
     for layer, k in enumerate([1, 2, 3]):
@@ -142,8 +142,8 @@ def test_layer_k_needs_prepare_and_matching_layers():
     pol = POLICIES["layer_k"](SPEC, mean_k=2.0)
     with pytest.raises(PolicyInputError, match="prepare"):
         pol.select(hand_batch(layers=3))
-    pol.prepare(layer_calibration([[0.7, 0.1, 0.1, 0.1]] * 2))
-    with pytest.raises(PolicyInputError, match="layer_k.*3 MoE layers, calibration had 2"):
+    pol.prepare(layer_profile([[0.7, 0.1, 0.1, 0.1]] * 2))
+    with pytest.raises(PolicyInputError, match="layer_k.*3 MoE layers, the routing profile had 2"):
         pol.select(hand_batch(layers=3))
 
 
@@ -321,7 +321,7 @@ def test_weights_are_required(name):
     with pytest.raises(PolicyInputError, match=f"policy '{name}' needs router weights"):
         build(name, spec, L=2, **ACTIVE[name]).select(BatchRouting(batch.ids, None, batch.logits))
     assert "weights" in POLICIES[name].needs and not POLICIES[name].decode_only
-    assert POLICIES[name].needs_calibration == (name == "layer_k")
+    assert POLICIES[name].needs_profile == (name == "layer_k")
 
 
 BAD = [("static_k", {"k": 0}, "k"), ("static_k", {"k": 1.5}, "k"), ("static_k", {"k": True}, "k"),

@@ -15,7 +15,7 @@ import torch
 from conftest import compose_cfg
 from lynx_sim.model import ModelSpec
 from lynx_sim.policies import POLICIES, BatchRouting, build_policy
-from lynx_sim.policies.calibration import Calibration
+from lynx_sim.policies.routing_profile import RoutingProfile
 from lynx_sim.policies.fidelity import measure_torch
 from lynx_sim.routing import route
 from lynx_sim.traces.source import build_source
@@ -29,19 +29,19 @@ def setups():
     for name in MODELS:
         cfg = compose_cfg([f"model={name}"])
         model = ModelSpec.from_cfg(cfg.model)
-        out[name] = (model, Calibration.from_source(build_source(cfg, model)))
+        out[name] = (model, RoutingProfile.from_source(build_source(cfg, model)))
     return out
 
 
 @pytest.mark.parametrize("model_name", MODELS)
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_policy_creates_tensors_on_the_batch_device(setups, model_name, policy):
-    model, calib = setups[model_name]
+    model, profile = setups[model_name]
     cfg = compose_cfg([f"model={model_name}", f"policy={policy}", "++policy.backend=torch"])  # the GPU's path
     pol = build_policy(cfg.policy, model, 1e-4)
     assert pol.backend == "torch"
-    if pol.needs_calibration:
-        pol.prepare(calib)
+    if pol.needs_profile:
+        pol.prepare(profile)
     z = torch.randn(model.num_moe_layers, 8, model.num_experts, generator=torch.Generator().manual_seed(0))
     ids, w = route(z, model.router)
     batch = BatchRouting(ids, w.float(), z)

@@ -2,7 +2,7 @@
 
 Each policy is built from its own conf/policy/<name>.yaml (the model's Lynx defaults resolved
 for Mixtral), on a random router shape; rules that learn from trace statistics are prepared on
-random calibration routing of the same shape.
+a random routing profile of the same shape.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from conftest import compose_cfg
 from lynx_sim.policies import POLICIES, BatchRouting
-from lynx_sim.policies.calibration import Calibration
+from lynx_sim.policies.routing_profile import RoutingProfile
 from lynx_sim.policies.fidelity import DROPPED
 from lynx_sim.routing import RouterSpec, route
 
@@ -32,11 +32,11 @@ def build(name, spec, L, seed, params=None, expert_time_s=5e-6):
     from lynx_sim.policies.base import PolicyContext
 
     pol = POLICIES[name](PolicyContext(spec, expert_time_s), **(config_params(name) if params is None else params))
-    if pol.needs_calibration:
+    if pol.needs_profile:
         g = np.random.default_rng(seed + 1)
         z = torch.from_numpy(g.normal(size=(256, L, spec.num_experts)) * 2).float()
         ids, w = route(z, spec)
-        pol.prepare(Calibration(ids, w, z, spec.num_experts, held_out=True))
+        pol.prepare(RoutingProfile(ids, w, z, spec.num_experts, held_out=True))
     return pol
 
 
@@ -169,7 +169,7 @@ def test_router_kinds_and_missing_inputs(name, c):
 @given(c=shapes)
 def test_layer_by_layer_equals_the_whole_batch(name, c):
     """The closed loop runs one layer at a time (`at_layer`): each layer's answer must equal that
-    layer of the answer for all layers at once, calibrated per-layer state included."""
+    layer of the answer for all layers at once, per-layer state learned from the routing profile included."""
     spec, batch = make(c)
     pol = build(name, spec, c["L"], c["seed"])
     whole = pol.select(batch)

@@ -20,7 +20,7 @@ SUMMARY_KEYS = {"policy", "batch", "model", "hardware", "trace", "seed", "policy
                 "approximations", "assumptions", "trace_sha256", "slots_changed", "kl_to_router_nats", "tokens_per_active_expert", "experts_per_token",
                 "gpus", "expert_parallel", "policy_overhead_ms", "comm_time_ms", "warmup_steps", "workload",
                 "moe_share", "bandwidth_utilisation", "ttft_ms", "tpot_ms", "throughput_tok_s", "goodput_tok_s", "slo",
-                "memory"}
+                "memory", "calibration"}
 
 
 def without_wall(s):
@@ -39,6 +39,10 @@ def test_default_lynx_run(tmp_path):
     assert s["exact"] and s["steps"] == 30 and s["policy_acted_fraction"] == 1.0
     assert s["policy_overhead_ms"] == pytest.approx(48 * 8.0e-3)  # 8 us per MoE layer, assumed in conf/policy/lynx.yaml
     assert s["comm_time_ms"] == 0.0 and s["gpus"] == 1
+    cal = s["calibration"]  # the default hardware's calibration, named with its source and held-out error
+    assert cal["path"] == "conf/calibration/h100_sxm.json" and cal["gpu"] == "h100_sxm" and "aiconfigurator" in cal["source"]
+    assert 0 < cal["heldout_error"]["moe_decode"]["median"] < 0.1 and cal["not_fitted"] == []
+    assert not any("uncalibrated" in a for a in s["assumptions"])
     assert 0 < s["slots_changed"] < 1 and s["experts_per_token"] == 8.0
     assert s["kl_to_router_nats"]["policy"] > s["kl_to_router_nats"]["vanilla"] > 0
     tpe = s["tokens_per_active_expert"]

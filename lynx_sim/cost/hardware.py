@@ -1,15 +1,17 @@
 """A GPU's datasheet peaks and, separately named, the efficiency factors and fixed costs the
-roofline applies to them (`conf/hardware/*.yaml`). A calibration JSON written by the executor
-replaces the assumed factors with measured ones."""
+uncalibrated roofline applies to them (`conf/hardware/*.yaml`), and the cost calibration that
+replaces them where the GPU has one (`calibration:` in the yaml, a file of conf/calibration/:
+lynx_sim/cost/calibration.py)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-CALIBRATED_FIELDS = ("bandwidth_efficiency", "flops_efficiency", "moe_bandwidth_efficiency", "moe_layer_fixed_us",
-                     "attention_layer_fixed_us", "step_overhead_us", "collective_latency_us")
+from .calibration import CostCalibration
+
+# the uncalibrated roofline's factors and fixed costs: each measured (benchmarks/hardware_probe.py) or assumed
+ROOFLINE_FIELDS = ("bandwidth_efficiency", "flops_efficiency", "moe_layer_fixed_us", "attention_layer_fixed_us",
+                   "step_overhead_us", "collective_latency_us")
 
 
 @dataclass(frozen=True)
@@ -27,45 +29,44 @@ class HardwareSpec:
     step_overhead_us: float
     collective_latency_us: float = 10.0  # assumed: one small NCCL collective within a node
     moe_block_m: int = 16  # rows of a grouped-GEMM tile: each expert's tokens are padded to it
-    moe_bandwidth_efficiency: float | None = None  # the MoE kernel's own streaming efficiency (executor); None: bandwidth_efficiency
-    calibrated_from: str | None = None
+    moe_bandwidth_efficiency: float | None = None  # the MoE kernel's own streaming efficiency; None: bandwidth_efficiency
     measured: tuple[str, ...] = ()  # factors measured on the GPU (benchmarks/hardware_probe.py); the rest assumed
+    calibration: CostCalibration | None = None  # fitted cost terms (conf/calibration/<name>.json); None: the roofline
 
     @classmethod
     def from_cfg(cls, h) -> "HardwareSpec":
-        optional = {"collective_latency_us", "moe_block_m", "moe_bandwidth_efficiency", "calibrated_from", "measured"}
+        optional = {"collective_latency_us", "moe_block_m", "moe_bandwidth_efficiency", "measured", "calibration"}
         fields = {k: h[k] for k in cls.__dataclass_fields__ if k not in optional}
         fields.update({k: h[k] for k in ("collective_latency_us", "moe_block_m", "moe_bandwidth_efficiency")
                        if h.get(k) is not None})
         spec = cls(**{k: (str(v) if k == "name" else int(v) if k == "moe_block_m" else float(v)) for k, v in fields.items()})
         measured = tuple(h.get("measured") or ())
-        unknown = sorted(set(measured) - set(CALIBRATED_FIELDS))
+        unknown = sorted(set(measured) - set(ROOFLINE_FIELDS))
         if unknown:
-            raise ValueError(f"hardware {spec.name}: field 'measured': expected names among {CALIBRATED_FIELDS}, "
+            raise ValueError(f"hardware {spec.name}: field 'measured': expected names among {ROOFLINE_FIELDS}, "
                              f"found {unknown}")
         spec = replace(spec, measured=measured)
         return spec.calibrated(h.get("calibration")) if h.get("calibration") else spec
 
-    def calibrated(self, path: str | Path) -> "HardwareSpec":
-        """Replace the assumed factors by those of a calibration JSON (keys: CALIBRATED_FIELDS)."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: hardware calibration: expected a readable JSON file, found {e}") from None
-        unknown = sorted(set(data.get("factors", {})) - set(CALIBRATED_FIELDS))
-        if unknown:
-            raise ValueError(f"{path}: field 'factors': expected keys among {CALIBRATED_FIELDS}, found {unknown}")
-        factors = {k: float(v) for k, v in data.get("factors", {}).items()}
-        return replace(self, **factors, calibrated_from=str(path),
-                       measured=tuple(dict.fromkeys(self.measured + tuple(factors))))
+    def calibrated(self, name_or_path) -> "HardwareSpec":
+        """This GPU priced with a cost calibration (a name in conf/calibration/ or a path); its
+        datasheet peaks must be this hardware's."""
+        cal = CostCalibration.load(name_or_path)
+        if cal.gpu != self.name:
+            raise ValueError(f"hardware {self.name}: calibration {cal.path} is of gpu '{cal.gpu}', not '{self.name}'")
+        for comp in ("moe", "gemm", "attention_decode", "attention_prefill"):
+            p = getattr(cal, comp)
+            if p is not None and (p.peak_bandwidth_Bps != self.hbm_bandwidth_gbps * 1e9
+                                  or p.peak_flops != self.bf16_tflops * 1e12):
+                raise ValueError(f"{cal.path}: params.{comp}: expected the peaks of hardware {self.name} "
+                                 f"({self.hbm_bandwidth_gbps * 1e9:g} B/s, {self.bf16_tflops * 1e12:g} FLOP/s), found "
+                                 f"{p.peak_bandwidth_Bps:g} B/s, {p.peak_flops:g} FLOP/s")
+        return replace(self, calibration=cal)
 
     @property
     def assumed(self) -> tuple[str, ...]:
-        """Factors and fixed costs still assumed (neither measured nor calibrated); the MoE
-        bandwidth factor counts only once set (unset, the MoE term uses bandwidth_efficiency)."""
-        return tuple(f for f in CALIBRATED_FIELDS if f not in self.measured
-                     and not (f == "moe_bandwidth_efficiency" and self.moe_bandwidth_efficiency is None))
+        """The uncalibrated roofline's factors and fixed costs that were not measured on the GPU."""
+        return tuple(f for f in ROOFLINE_FIELDS if f not in self.measured)
 
     @property
     def moe_bandwidth_Bps(self) -> float:

@@ -20,7 +20,7 @@ import numpy as np
 import simpy
 import torch
 
-from ..cost.roofline import Roofline
+from ..cost.roofline import PrefillWork, Roofline
 from ..policies.approximate import fill_logits
 from ..policies.base import BatchRouting, Policy
 from ..metrics.serving import ServingRecorder
@@ -43,8 +43,10 @@ def assemble(plan: list[tuple[Request, int]], fill_missing_logits: bool, num_exp
     z_t = t(logits) if logits is not None else (fill_logits(ids_t, w_t, num_experts) if filled else None)
     batch = BatchRouting(ids_t, w_t, z_t, decode=torch.from_numpy(decode), ids_ordered=first.meta.ids_ordered,
                          logits_filled=filled)
-    info = {"kv_read": sum(req.computed for req, _ in plan),
-            "pairs": sum(req.attention_pairs(n) for req, n in plan),
+    chunks = [(req, n) for req, n in plan if req.in_prefill]
+    prefill = PrefillWork(len(chunks), sum(n for _, n in chunks), sum(req.computed for req, _ in chunks),
+                          sum(req.attention_pairs(n) for req, n in chunks)) if chunks else None
+    info = {"decode_kv": sum(req.computed + n for req, n in plan if not req.in_prefill), "prefill": prefill,
             "lm_tokens": sum(1 for req, n in plan if req.computed + n - req.prompt + 1 > req.emitted),
             "decode_tokens": int(decode.sum()), "prefill_tokens": int((~decode).sum())}
     return batch, info
@@ -80,8 +82,8 @@ class EngineNode:
                 raise RuntimeError(f"{self.name} node: requests waiting but none schedulable (scheduler bug)")
             batch, info = assemble(plan, self.fill, E)
             sel = self.policy.select(batch)
-            c = self.cost.step(batch.num_tokens, info["kv_read"], sel.fidelity.expert_tokens.numpy(),
-                               acted=sel.acted, attn_pairs=info["pairs"], lm_tokens=info["lm_tokens"])
+            c = self.cost.step(batch.num_tokens, info["decode_kv"], sel.fidelity.expert_tokens.numpy(),
+                               acted=sel.acted, lm_tokens=info["lm_tokens"], prefill=info["prefill"])
             start = self.env.now
             yield self.env.timeout(c.total_s)
             emitted, leaving = self.sched.complete(plan, self.env.now, self.leave_after_first)

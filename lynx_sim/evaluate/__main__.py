@@ -4,9 +4,10 @@ a policy inside a Hugging Face MoE model against the model's own routing (compar
 Policy parameters come from conf/policy/<name>.yaml, with the model-dependent defaults (Lynx's
 alpha and beta) of the conf/model/ entry of the same family (`--conf-model`, guessed from the
 model type); `--set key=value` overrides any of them. The router's shape comes from the model.
-Rules that learn per-layer statistics (prune, sere, layer_k) take them from `--calib-trace` (a
-trace recorded from the same model) or record the model's own routing on `--calib-prompts`
-(default: the evaluation prompts, reported as in-sample). Output keys: docs/evaluate.md.
+Rules that learn per-layer statistics (prune, sere, layer_k) take them from a routing profile:
+`--profile-trace` (a trace recorded from the same model) or the model's own routing recorded on
+`--profile-prompts` (default: the evaluation prompts, reported as in-sample). Output keys:
+docs/evaluate.md.
 """
 
 from __future__ import annotations
@@ -32,14 +33,15 @@ def expert_bytes(model) -> int:
     raise ValueError(f"{type(model).__name__}: no experts module (*Experts) found")
 
 
-def build_policy_for(model, name: str, conf_model: str | None = None, sets: list[str] = (), calib=None,
+def build_policy_for(model, name: str, conf_model: str | None = None, sets: list[str] = (), profile=None,
                      hardware: str = "h100_sxm"):
     """A registry policy for a transformers model: router shape from the model, parameters from
     conf/, the cost of one more expert (for cost-aware rules such as oracle) from this model's
-    expert bytes at the MoE bandwidth of conf/hardware/<hardware>, per-layer statistics from
-    `calib` (a Calibration: calibrate.py) for rules that learn them."""
+    expert bytes streamed by the MoE kernel of conf/hardware/<hardware> (its calibration's fit), per-layer statistics from
+    `profile` (a RoutingProfile: routing_profile.py) for rules that learn them."""
     from ..config import compose
     from ..cost.hardware import HardwareSpec
+    from ..cost.roofline import expert_stream_s, moe_params
     from ..policies import build_policy
     from ..routing import RouterSpec
     from ..traces.record import meta_for
@@ -50,29 +52,29 @@ def build_policy_for(model, name: str, conf_model: str | None = None, sets: list
         raise ValueError(f"--conf-model: no default for model_type {model.config.model_type!r}; name a conf/model entry")
     cfg = compose([f"model={conf_model}", f"policy={name}", f"hardware={hardware}", *[f"policy.{kv}" for kv in sets]])
     spec = RouterSpec.from_meta(meta)
-    expert_time_s = expert_bytes(model) / HardwareSpec.from_cfg(cfg.hardware).moe_bandwidth_Bps
+    expert_time_s = expert_stream_s(expert_bytes(model), moe_params(HardwareSpec.from_cfg(cfg.hardware), 2))
     policy = build_policy(cfg.policy, SimpleNamespace(router=spec), expert_time_s=expert_time_s)
-    if policy.needs_calibration:
-        if calib is None:
-            raise ValueError(f"policy '{name}' learns per-layer statistics: give it calibration routing "
-                             f"(--calib-trace or --calib-prompts)")
-        if calib.num_layers != meta.num_layers:
-            raise ValueError(f"calibration: expected routing of {meta.num_layers} MoE layers (the model's), "
-                             f"found {calib.num_layers}")
-        policy.prepare(calib)
+    if policy.needs_profile:
+        if profile is None:
+            raise ValueError(f"policy '{name}' learns per-layer statistics: give it a routing profile "
+                             f"(--profile-trace or --profile-prompts)")
+        if profile.num_layers != meta.num_layers:
+            raise ValueError(f"routing profile: expected routing of {meta.num_layers} MoE layers (the model's), "
+                             f"found {profile.num_layers}")
+        policy.prepare(profile)
     return policy
 
 
-def add_policy_options(ap: argparse.ArgumentParser, calib_prompts_default: str) -> None:
+def add_policy_options(ap: argparse.ArgumentParser, profile_prompts_default: str) -> None:
     """The options that choose and prepare the policy (shared with the lm-eval adapter)."""
     ap.add_argument("--policy", default="lynx")
     ap.add_argument("--conf-model", help="conf/model entry for the policy's model-dependent defaults")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a policy parameter")
     ap.add_argument("--hardware", default="h100_sxm", help="conf/hardware entry pricing one expert (cost-aware rules)")
-    ap.add_argument("--calib-trace", help="calibrated rules: a trace recorded from this model")
-    ap.add_argument("--calib-prompts", help=f"calibrated rules: prompts to record the model's own routing on "
-                                            f"(default: {calib_prompts_default})")
-    ap.add_argument("--calib-tokens", type=int, default=4096, help="decode tokens of calibration routing")
+    ap.add_argument("--profile-trace", help="rules that learn a routing profile: a trace recorded from this model")
+    ap.add_argument("--profile-prompts", help=f"rules that learn a routing profile: prompts to record the model's "
+                                              f"own routing on (default: {profile_prompts_default})")
+    ap.add_argument("--profile-tokens", type=int, default=4096, help="decode tokens of the routing profile")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,25 +93,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="write the results as JSON here")
     a = ap.parse_args(argv)
     from ..traces.record import eos_ids, load_model, read_prompts, tokenize
-    from .calibrate import calibration_for
+    from .routing_profile import profile_for
     from .compare import compare
 
     try:
         prompts = read_prompts(a.prompts)[: a.limit] if a.limit else read_prompts(a.prompts)
         model, tok = load_model(a.model, a.device, a.dtype)
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        calib, calib_info = calibration_for(
-            a.policy, model, tok, trace=a.calib_trace, prompts=a.calib_prompts or a.prompts,
-            in_sample=a.calib_prompts is None, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, pad=pad,
-            eos=eos_ids(model), max_tokens=a.calib_tokens, chat=a.chat)
-        policy = build_policy_for(model, a.policy, a.conf_model, a.set, calib, a.hardware)
+        profile, profile_info = profile_for(
+            a.policy, model, tok, trace=a.profile_trace, prompts=a.profile_prompts or a.prompts,
+            in_sample=a.profile_prompts is None, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, pad=pad,
+            eos=eos_ids(model), max_tokens=a.profile_tokens, chat=a.chat)
+        policy = build_policy_for(model, a.policy, a.conf_model, a.set, profile, a.hardware)
         text = tok(Path(a.text).read_text(encoding="utf-8"))["input_ids"] if a.text else None
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     res = compare(model, policy, tokenize(tok, prompts, a.chat), batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
                   pad=pad, eos=eos_ids(model), text=text)
-    res.update({"model": a.model, "policy_params": policy.params(), "calibration": calib_info})
+    res.update({"model": a.model, "policy_params": policy.params(), "routing_profile": profile_info})
     print(json.dumps(res, indent=2))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=2) + "\n")

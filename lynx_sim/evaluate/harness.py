@@ -7,8 +7,8 @@
         --model_args pretrained=Qwen/Qwen3-30B-A3B,dtype=bfloat16 \\
         --tasks humaneval --confirm_run_unsafe_code --batch_size 16 --device cuda:0
 
-Everything after our own options (--policy, --conf-model, --set, --hardware, --calib-trace,
---calib-prompts, --calib-tokens: as in `python -m lynx_sim.evaluate`) goes to lm_eval's
+Everything after our own options (--policy, --conf-model, --set, --hardware, --profile-trace,
+--profile-prompts, --profile-tokens: as in `python -m lynx_sim.evaluate`) goes to lm_eval's
 command line unchanged; the model is lm_eval's Hugging Face model (`HFLM`) with `PolicyPatch`
 applied, registered as `lynx_hf`. Run the same command with `--policy vanilla` for the
 baseline. Decode-only rules (Lynx, batch_budget, ...) act only in decode steps: generative
@@ -30,27 +30,28 @@ def model_class():
 
     from ..traces.record import eos_ids
     from .__main__ import build_policy_for
-    from .calibrate import calibration_for
+    from .routing_profile import profile_for
     from .patch import PolicyPatch
 
     class PolicyHFLM(HFLM):
         def __init__(self, policy: str = "lynx", conf_model: str | None = None, policy_set: tuple = (),
-                     hardware: str = "h100_sxm", calib_trace: str | None = None, calib_prompts: str | None = None,
-                     calib_tokens: int = 4096, **kwargs):
+                     hardware: str = "h100_sxm", profile_trace: str | None = None,
+                     profile_prompts: str | None = None, profile_tokens: int = 4096, **kwargs):
             super().__init__(**kwargs)
             tok = self.tokenizer
             eos = eos_ids(self.model) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
             pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-            calib, _ = calibration_for(policy, self.model, tok, trace=calib_trace, prompts=calib_prompts,
-                                       in_sample=False, batch_size=bs if isinstance(bs := self.batch_size_per_gpu, int) else 8,
-                                       max_new_tokens=CALIB_NEW_TOKENS, pad=pad, eos=eos, max_tokens=calib_tokens)
-            self.policy = build_policy_for(self.model, policy, conf_model, list(policy_set), calib, hardware)
+            bs = self.batch_size_per_gpu if isinstance(self.batch_size_per_gpu, int) else 8
+            profile, _ = profile_for(policy, self.model, tok, trace=profile_trace, prompts=profile_prompts,
+                                     in_sample=False, batch_size=bs, max_new_tokens=PROFILE_NEW_TOKENS, pad=pad,
+                                     eos=eos, max_tokens=profile_tokens)
+            self.policy = build_policy_for(self.model, policy, conf_model, list(policy_set), profile, hardware)
             self.patch = PolicyPatch(self.model, self.policy, eos).__enter__()
 
     return PolicyHFLM
 
 
-CALIB_NEW_TOKENS = 64  # greedy tokens per calibration prompt (the routing rules learn from decode steps)
+PROFILE_NEW_TOKENS = 64  # greedy tokens per profile prompt (the routing rules learn from decode steps)
 OPTIONS: dict = {}  # our options of the current run, read by the registered model class
 _registered: list = []  # lm_eval's registry refuses a second class under one name: register once
 
@@ -59,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
     from .__main__ import add_policy_options
 
     ap = argparse.ArgumentParser(prog="python -m lynx_sim.evaluate.harness", add_help=False)
-    add_policy_options(ap, "none: give this or --calib-trace")
+    add_policy_options(ap, "none: give this or --profile-trace")
     return ap
 
 
@@ -76,13 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     if ours.policy not in POLICIES:
         print(f"error: unknown policy '{ours.policy}': registered policies are {sorted(POLICIES)}", file=sys.stderr)
         return 2
-    if POLICIES[ours.policy].needs_calibration and not (ours.calib_trace or ours.calib_prompts):
-        print(f"error: policy '{ours.policy}' learns per-layer statistics: give --calib-trace or --calib-prompts",
+    if POLICIES[ours.policy].needs_profile and not (ours.profile_trace or ours.profile_prompts):
+        print(f"error: policy '{ours.policy}' learns per-layer statistics: give --profile-trace or --profile-prompts",
               file=sys.stderr)
         return 2
     OPTIONS.clear()
     OPTIONS.update(policy=ours.policy, conf_model=ours.conf_model, policy_set=tuple(ours.set), hardware=ours.hardware,
-                   calib_trace=ours.calib_trace, calib_prompts=ours.calib_prompts, calib_tokens=ours.calib_tokens)
+                   profile_trace=ours.profile_trace, profile_prompts=ours.profile_prompts,
+                   profile_tokens=ours.profile_tokens)
     if not _registered:
         base = model_class()
 

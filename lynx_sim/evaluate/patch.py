@@ -4,7 +4,7 @@ Each router module (lynx_sim/traces/record.py: router_modules) returns (logits, 
 and its block hands ids and weights to the experts. A forward hook replaces them with the
 policy's choice for the same rows, so the experts compute what the policy selected and every
 later layer and token sees the consequence (closed loop). One router call is one layer of one
-forward: the policy (its `at_layer` view, which holds that layer's calibrated state) sees that
+forward: the policy (its `at_layer` view, which holds that layer's learned state) sees that
 layer's real batch as a [1, rows, ...] batch. Phase: a forward whose cache is empty is a
 prefill, any other a decode step; policies that declare `decode_only` leave prefill untouched.
 A slot the policy drops gets weight 0 and, as its id, the token's first kept expert: every

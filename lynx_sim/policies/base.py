@@ -103,7 +103,7 @@ class Policy(ABC):
     name: ClassVar[str] = ""
     needs: ClassVar[tuple[str, ...]] = ("ids",)  # fields of BatchRouting the rule reads
     decode_only: ClassVar[bool] = False  # act only on batches made entirely of decode tokens
-    needs_calibration: ClassVar[bool] = False  # learns from trace statistics in `prepare`
+    needs_profile: ClassVar[bool] = False  # learns from a routing profile (trace statistics) in `prepare`
     neutral: ClassVar[dict] = {}  # parameters under which the rule must equal vanilla (tested; read through
     # neutral_params(router), which rules whose neutral values depend on the router override)
     layer_state: ClassVar[tuple[str, ...]] = ()  # attributes learned per MoE layer (dim 0), set by prepare
@@ -140,8 +140,8 @@ class Policy(ABC):
         """The policy's parameters, for summaries."""
         return {}
 
-    def prepare(self, calib) -> None:
-        """Learn what the rule needs from calibration routing (a `Calibration`); default: nothing."""
+    def prepare(self, profile) -> None:
+        """Learn what the rule needs from a routing profile (a `RoutingProfile`); default: nothing."""
         self.prepared = True
 
     def at_layer(self, layer: int) -> "Policy":
@@ -151,11 +151,11 @@ class Policy(ABC):
         if not self.layer_state:
             return self
         if not self.prepared:
-            raise PolicyInputError(f"policy '{self.name}' learns from trace statistics: call prepare(calibration) first")
+            raise PolicyInputError(f"policy '{self.name}' learns from trace statistics: call prepare(profile) first")
         L = int(getattr(self, self.layer_state[0]).shape[0])
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < L:
             raise PolicyInputError(f"policy '{self.name}': layer: expected an MoE layer index in 0..{L - 1} "
-                                   f"(calibrated on {L} layers), found {layer!r}")
+                                   f"(profiled on {L} layers), found {layer!r}")
         view = copy.copy(self)
         for name in self.layer_state:
             setattr(view, name, getattr(self, name)[layer:layer + 1])
@@ -173,8 +173,8 @@ class Policy(ABC):
 
     def select(self, batch: BatchRouting) -> Selection:
         self._check(batch)
-        if self.needs_calibration and not self.prepared:
-            raise PolicyInputError(f"policy '{self.name}' learns from trace statistics: call prepare(calibration) first")
+        if self.needs_profile and not self.prepared:
+            raise PolicyInputError(f"policy '{self.name}' learns from trace statistics: call prepare(profile) first")
         if self.decode_only and not batch.all_decode():
             sel = Selection(batch.ids, batch.weights, acted=False)
         else:

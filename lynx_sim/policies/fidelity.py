@@ -65,7 +65,7 @@ def kl_to_router(batch: "BatchRouting", ids: torch.Tensor, weights: torch.Tensor
     if batch.logits is None or batch.logits_filled or weights is None or router.kind == "sigmoid":
         return torch.full((L,), float("nan"), dtype=torch.float64, device=ids.device)
     z = batch.logits
-    logp = (z.gather(-1, ids.clamp_min(0)) - torch.logsumexp(z, -1, keepdim=True)).double()  # [L, B, k]
+    logp = z.gather(-1, ids.clamp_min(0)).double() - _logsumexp(batch).unsqueeze(-1)  # [L, B, k], float64
     w = weights.double() * (ids != DROPPED)
     q = w / w.sum(-1, keepdim=True)
     term = torch.where(q > 0, q * (torch.log(q.clamp_min(1e-300)) - logp), torch.zeros_like(q))
@@ -101,7 +101,7 @@ def _measure_cpu(batch, ids, weights, router) -> Fidelity:
         mode = TOP1_SLOT0 if batch.ids_ordered else TOP1_NONE
     with_kl = real_logits and weights is not None and router.kind != "sigmoid"
     z = batch.logits.numpy() if real_logits else np.zeros((1, 1, 1), np.float32)
-    lse = _logsumexp(batch).numpy() if with_kl else np.zeros((1, 1), np.float32)
+    lse = _logsumexp(batch).cpu().numpy() if with_kl else np.zeros((1, 1), np.float64)
     w_new = weights.numpy() if weights is not None else np.zeros((1, 1, 1), np.float32)
     counts, ret, mass, changed, kl, kept = measure_kernel(orig, w_orig, ids.numpy(), w_new, z, lse,
                                                           router.num_experts, mode, with_kl)
@@ -112,12 +112,14 @@ def _measure_cpu(batch, ids, weights, router) -> Fidelity:
 
 
 def _logsumexp(batch) -> torch.Tensor:
-    """logsumexp of the batch's logits over experts, [L, B]; computed once per batch (policy and
-    baseline). With few experts, reduced over an expert-major copy: torch's reduction along a
-    short last dimension is slow, across rows it vectorises (1.5x faster at E = 8)."""
+    """logsumexp of the batch's logits over experts in float64, [L, B]; computed once per batch
+    (policy and baseline). Float64 because float32's exp differs in the last bit between CPUs
+    (found: Intel and AMD under the same torch), which moved the mean KL by 2e-9 relative; in
+    float64 such differences stay near 1e-16. With few experts, reduced over an expert-major
+    copy: torch's reduction along a short last dimension is slow, across rows it vectorises."""
     cached = getattr(batch, "_lse", None)
     if cached is None:
-        z = batch.logits
+        z = batch.logits.double()
         cached = torch.logsumexp(z.permute(2, 0, 1).contiguous(), 0) if z.shape[-1] <= 32 else torch.logsumexp(z, -1)
         batch._lse = cached
     return cached

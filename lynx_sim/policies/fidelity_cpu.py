@@ -2,7 +2,7 @@
 
 On small decode batches the torch version spends its time dispatching about twenty tiny ops;
 this kernel reads each slot once. It computes the same quantities in float64 from the same float32
-log-softmax terms as torch (sums may differ in the last bits);
+logits and float64 logsumexp as torch (sums may differ in the last bits);
 tests/test_policies_batch.py checks it against the torch version on random batches with
 dropped slots, ties and every missing input. Used on CPU tensors; the GPU keeps torch.
 
@@ -26,7 +26,7 @@ TOP1_WEIGHTS, TOP1_LOGITS, TOP1_SLOT0, TOP1_NONE = 0, 1, 2, 3
 def measure_kernel(orig, w_orig, new, w_new, logits, lse, E, top1_mode, with_kl):
     """orig/new ids [L, B, k] int64 (new may hold -1), w_orig [L, B, k] (ones when the trace has
     none), w_new [L, B, k], logits [L, B, E] (unused unless top1_mode == 1 or with_kl), lse [L, B]
-    their logsumexp (torch computes it vectorised, once per batch for the policy and vanilla)."""
+    their float64 logsumexp (torch computes it vectorised, once per batch for the policy and vanilla)."""
     L, B, k = orig.shape
     if new.shape != orig.shape or w_orig.shape != orig.shape or (with_kl and w_new.shape != orig.shape):
         raise ValueError("measure_kernel: expected orig, new, w_orig (and w_new with KL) all [L, B, k]")
@@ -102,7 +102,7 @@ def measure_kernel(orig, w_orig, new, w_new, logits, lse, E, top1_mode, with_kl)
                     if e >= 0:
                         q = w_new[l, b, j] / wsum
                         if q > 0:
-                            term += q * (np.log(q) - np.float64(logits[l, b, e] - lz))  # the difference in the logits' dtype, as torch
+                            term += q * (np.log(q) - (np.float64(logits[l, b, e]) - lz))  # float64, as the torch path
                 kls += term
         retention[l] = ret / B if top1_mode != TOP1_NONE else np.nan
         mass[l] = ms / B

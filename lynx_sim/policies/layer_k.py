@@ -6,8 +6,8 @@ chosen offline under a budget, no retraining. LExI profiles how much each layer'
 when its top-k shrinks (synthetic inputs through the real weights) and searches the allocation;
 this simulator has routing only, so the sensitivity here is the routing mass a layer loses:
 
-    c[l, j] = mean over calibration tokens of the (j+1)-th largest normalised top-k weight
-              (calib.sorted_weights(), [N, L, k] -> [L, k]); keeping j+1 experts in layer l
+    c[l, j] = mean over routing-profile tokens of the (j+1)-th largest normalised top-k weight
+              (profile.sorted_weights(), [N, L, k] -> [L, k]); keeping j+1 experts in layer l
               retains sum_{i<=j} c[l, i] of its mass on average
     budget  = floor(mean_k * L + 0.5) slots over the L layers, clamped to [L, k * L]
     k_l     = 1 for every layer, then greedily add the slot with the largest marginal gain
@@ -22,7 +22,7 @@ its k_l highest-weight slots, exactly as `static_k` does with k = k_l.
 Choices: `mean_k` is a finite number in [1, E]; >= the model's top-k gives every layer k
 (neutral). Its bound is E, not top_k, so that one configured value serves models with
 top_k = 1 (a mean of experts per token above E means nothing). The budget rounds half
-up; the calibration routing comes from `Calibration.from_source` (held-out requests where the
+up; the routing profile comes from `RoutingProfile.from_source` (held-out requests where the
 source has them, else in-sample, which the run summary says).
 """
 
@@ -54,7 +54,7 @@ def allocate(gains: torch.Tensor, budget: int) -> torch.Tensor:
 class LayerK(Policy):
     name = "layer_k"
     needs = ("ids", "weights")
-    needs_calibration = True
+    needs_profile = True
     layer_state = ("k_per_layer",)
 
     @classmethod
@@ -76,19 +76,19 @@ class LayerK(Policy):
             out["k_per_layer"] = self.k_per_layer.tolist()
         return out
 
-    def prepare(self, calib) -> None:
+    def prepare(self, profile) -> None:
         k = self.router.top_k
-        if calib.ids.shape[-1] != k:
-            raise ValueError(f"policy 'layer_k': calibration routing has k={calib.ids.shape[-1]}, the model {k}")
-        gains = calib.sorted_weights().mean(0)  # [L, k]
-        budget = math.floor(self.mean_k * calib.num_layers + 0.5)
+        if profile.ids.shape[-1] != k:
+            raise ValueError(f"policy 'layer_k': routing profile has k={profile.ids.shape[-1]}, the model {k}")
+        gains = profile.sorted_weights().mean(0)  # [L, k]
+        budget = math.floor(self.mean_k * profile.num_layers + 0.5)
         self.k_per_layer = allocate(gains, budget)
-        super().prepare(calib)
+        super().prepare(profile)
 
     def route(self, batch: BatchRouting):
         L = batch.ids.shape[0]
         if L != len(self.k_per_layer):
-            raise PolicyInputError(f"policy 'layer_k': the batch has {L} MoE layers, calibration had "
+            raise PolicyInputError(f"policy 'layer_k': the batch has {L} MoE layers, the routing profile had "
                                    f"{len(self.k_per_layer)}")
         if bool((self.k_per_layer >= self.router.top_k).all()):
             return batch.ids, batch.weights

@@ -1,4 +1,4 @@
-"""`prune`: static expert pruning by calibration frequency: pruned experts are not loaded.
+"""`prune`: static expert pruning by routing-profile frequency: pruned experts are not loaded.
 
 Static pruning removes experts from the model once, offline: "Not All Experts are Equal"
 (Lu et al., ACL 2024, arXiv 2402.14800) chooses which by searching expert subsets for the least
@@ -6,7 +6,7 @@ reconstruction loss, which needs hidden states a routing trace does not have; he
 criterion is the simplest one, frequency (`../shared/LYNX.md` section 5). Per MoE layer l:
 
     n       = ceil(keep_fraction * E)    # at least 1; a 1e-9 tolerance absorbs float rounding
-    KEPT[l] = the n experts with the largest calibration frequency (ties to the lowest index)
+    KEPT[l] = the n experts with the largest routing-profile frequency (ties to the lowest index)
 
 Tokens whose experts are all kept are left exactly as the model routed them. The others:
 - with router logits: re-routed as the pruned model would route them, the router's rows of the
@@ -23,7 +23,7 @@ Only the affected tokens are re-routed, so keep_fraction = 1 returns the model's
 bit for bit (neutral) even where a recorded trace's ids differ from `route(logits)` in rounding.
 
 Not decode-only: a pruned model routes prefill and decode tokens alike. Learns from
-`Calibration.expert_frequency()` in `prepare`.
+`RoutingProfile.expert_frequency()` in `prepare`.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class Prune(Policy):
     name = "prune"
     needs = ("ids",)  # logits re-route the affected tokens when present
     decode_only = False
-    needs_calibration = True
+    needs_profile = True
     layer_state = ("kept", "kept_list")
     neutral = {"keep_fraction": 1.0}
 
@@ -96,21 +96,22 @@ class Prune(Policy):
         E = self.router.num_experts
         return min(E, max(1, math.ceil(self.keep_fraction * E - 1e-9)))
 
-    def prepare(self, calib) -> None:
+    def prepare(self, profile) -> None:
         E = self.router.num_experts
-        if calib.num_experts != E:
-            raise PolicyInputError(f"policy '{self.name}': calibration has {calib.num_experts} experts, the router {E}")
-        freq = calib.expert_frequency()  # [L, E]
+        if profile.num_experts != E:
+            raise PolicyInputError(f"policy '{self.name}': routing profile has {profile.num_experts} experts, "
+                                   f"the router {E}")
+        freq = profile.expert_frequency()  # [L, E]
         _, top = topk_lowest_index(freq, self.num_kept)  # [L, n]
         self.kept = torch.zeros(freq.shape, dtype=torch.bool).scatter_(-1, top, True)
         self.kept_list = top.sort(-1).values
-        super().prepare(calib)
+        super().prepare(profile)
 
     def route(self, batch: BatchRouting):
         ids, w = batch.ids, batch.weights  # [L, B, k]
         L, B, k = ids.shape
         if self.kept.shape[0] != L:
-            raise PolicyInputError(f"policy '{self.name}': calibrated on {self.kept.shape[0]} MoE layers, "
+            raise PolicyInputError(f"policy '{self.name}': profiled on {self.kept.shape[0]} MoE layers, "
                                    f"the batch has {L}")
         kept = self.kept.to(ids.device)[:, None, :]  # [L, 1, E]
         in_kept = kept.expand(L, B, -1).gather(-1, ids)  # [L, B, k]

@@ -7,7 +7,7 @@ Language Models" (Lu et al., ACL 2024, arXiv 2402.14800), its dynamic skipping;
     drop slot i (rank >= 1)  if  w_i < beta_l * w_1        # the top-1 is always kept
 
 Choices: the paper states the rule for Mixtral's top-2 and sets beta_l per layer to the median
-of w_2 / w_1 on calibration data; here `threshold` is either one beta for every layer or a list
+of w_2 / w_1 on profiling data; here `threshold` is either one beta for every layer or a list
 of L per-layer values (checked against the batch's layer count at select time), applied to
 every lower-ranked slot of any top-k. A slot tied with the top-1 weight is never dropped
 (w_i = w_1 is not below beta * w_1 for beta <= 1). threshold 0 drops nothing (neutral).

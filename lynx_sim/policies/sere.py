@@ -11,12 +11,12 @@ experts. Per MoE layer l and decode batch:
         else:                   the slot is dropped (`renormalize`, slots.keep_slots)
 
 Choices (ours where the paper leaves room; the paper measures similarity between experts on
-calibration data, which a routing-only simulator cannot recompute):
+profiling data, which a routing-only simulator cannot recompute):
 - Similarity, learned in `prepare` per layer, [L, E, E]: the Pearson correlation of two
-  experts' router logits across calibration tokens when the calibration has logits; else the
+  experts' router logits across profile tokens when the routing profile has logits; else the
   cosine similarity of their co-activation (indicator columns of the top-k over tokens:
   co-count / sqrt(count_a count_b)). Undefined entries (an expert constant or never used in
-  calibration) are 0.
+  the profile) are 0.
 - A token's top-S: its S largest-weight slots (ties to the lower slot); by logit without
   weights; slots 0..S-1 with ids only (ordered ids assumed). top_s is an int in 1..k; top_s = k
   keeps every slot (neutral). rho is a finite number in [-1, 1] (a correlation or cosine). Slots on experts outside KEEP are re-routed one rank at a time, strongest first, so
@@ -37,7 +37,7 @@ from .slots import keep_slots
 
 
 def pearson(logits: torch.Tensor) -> torch.Tensor:
-    """Calibration logits [N, L, E] -> correlation of experts across tokens [L, E, E] (0 where undefined)."""
+    """Profile logits [N, L, E] -> correlation of experts across tokens [L, E, E] (0 where undefined)."""
     x = logits.double().permute(1, 0, 2)  # [L, N, E]
     x = x - x.mean(1, keepdim=True)
     cov = x.transpose(1, 2) @ x  # [L, E, E]
@@ -46,7 +46,7 @@ def pearson(logits: torch.Tensor) -> torch.Tensor:
 
 
 def co_activation_cosine(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Calibration ids [N, L, k] -> cosine similarity of expert indicator columns [L, E, E]."""
+    """Profile ids [N, L, k] -> cosine similarity of expert indicator columns [L, E, E]."""
     N, L, _ = ids.shape
     a = torch.zeros(L, N, num_experts, dtype=torch.float64).scatter_(-1, ids.permute(1, 0, 2), 1.0)
     co = a.transpose(1, 2) @ a  # [L, E, E] co-counts
@@ -74,7 +74,7 @@ class Sere(Policy):
     name = "sere"
     needs = ("ids",)  # weights (or logits) order a token's slots when present
     decode_only = True
-    needs_calibration = True
+    needs_profile = True
     layer_state = ("sim",)
 
     @classmethod
@@ -93,23 +93,25 @@ class Sere(Policy):
     def params(self) -> dict:
         return {"top_s": self.top_s, "rho": self.rho, "renormalize": self.renormalize}
 
-    def prepare(self, calib) -> None:
+    def prepare(self, profile) -> None:
         E = self.router.num_experts
-        if calib.num_experts != E:
-            raise PolicyInputError(f"policy '{self.name}': calibration has {calib.num_experts} experts, the router {E}")
-        if calib.logits is not None:
-            self.sim, self.sim_kind = pearson(calib.logits), "logit_pearson"
+        if profile.num_experts != E:
+            raise PolicyInputError(f"policy '{self.name}': routing profile has {profile.num_experts} experts, "
+                                   f"the router {E}")
+        if profile.logits is not None:
+            self.sim, self.sim_kind = pearson(profile.logits), "logit_pearson"
         else:
-            self.sim, self.sim_kind = co_activation_cosine(calib.ids, E), "coactivation_cosine"
+            self.sim, self.sim_kind = co_activation_cosine(profile.ids, E), "coactivation_cosine"
         self.sim = self.sim.float()
-        super().prepare(calib)
+        super().prepare(profile)
 
     def route(self, batch: BatchRouting):
         ids, w = batch.ids, batch.weights  # [L, B, k]
         L, B, k = ids.shape
         E = self.router.num_experts
         if self.sim.shape[0] != L:
-            raise PolicyInputError(f"policy '{self.name}': calibrated on {self.sim.shape[0]} MoE layers, the batch has {L}")
+            raise PolicyInputError(f"policy '{self.name}': profiled on {self.sim.shape[0]} MoE layers, "
+                                   f"the batch has {L}")
         if self.top_s >= k:
             return ids, w
         order = slot_order(batch)  # [L, B, k]

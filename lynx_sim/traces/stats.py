@@ -1,4 +1,4 @@
-"""Routing statistics of a trace: the quantities the synthetic generator is calibrated on.
+"""Routing statistics of a trace: the quantities the synthetic presets are fitted to.
 
 Definitions (also in docs/metrics.md). Tokens used: decode tokens when the trace has any, else
 all tokens. S_t(l) is the set of expert ids of token t at layer l.

@@ -1,4 +1,4 @@
-"""Seeded synthetic routing traces with full router logits, calibrated per model in `conf/synth/`.
+"""Seeded synthetic routing traces with full router logits, fitted per model in `conf/synth/`.
 
 Usage:
     params = SynthParams.from_cfg(OmegaConf.load("conf/synth/qwen3_30b_a3b.yaml"))
@@ -46,7 +46,7 @@ phrases); position acts only through the early-token bias (no long-context drift
 words are not real text (no syntax, no repetition of phrases or code identifiers); DeepSeek-V3's
 correction bias and grouped routing see only these logits (grouped routers route on them as any
 model would, but the groups carry no structure of their own); the weights of models without a
-recorded weight distribution (all but Mixtral) rest on an uncalibrated confidence; the calibrated
+recorded weight distribution (all but Mixtral) rest on an unfitted confidence; the fitted
 statistics do not measure cross-layer coupling, so `layer_coupling` is a guess in every preset.
 """
 

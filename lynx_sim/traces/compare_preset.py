@@ -1,6 +1,6 @@
 """Compare a synthetic preset with a reference trace on the statistics of `stats.trace_stats`.
 
-Run: python -m lynx_sim.traces.calibrate mixtral_8x7b ../shared/traces/mixtral8x7b_instruct_fp8_vllm_decode_humaneval_gsm8k.npz
+Run: python -m lynx_sim.traces.compare_preset mixtral_8x7b ../shared/traces/mixtral8x7b_instruct_fp8_vllm_decode_humaneval_gsm8k.npz
 It converts the reference, generates synthetic requests of the reference's shape (same number of
 sequences; the reference's own lengths, in the reference's phase), and prints both sets of
 figures. The presets' values were set by hand-guided sweeps with this comparison (see the
@@ -28,7 +28,7 @@ KEYS = ("union_fraction", "adjacent_overlap", "load_cv", "top1_weight_mean")
 
 
 def summary(stats: dict, batches=("1", "2", "4", "8", "16", "32", "64")) -> dict:
-    """The calibrated figures of one trace_stats dict."""
+    """The compared figures (those a preset is fitted to) of one trace_stats dict."""
     out = {"union_fraction": [round(stats["union_fraction"][b], 4) for b in batches],
            "adjacent_overlap": round(stats["adjacent_overlap"]["mean"], 4),
            "load_cv": round(stats["load_cv"]["median"], 4)}

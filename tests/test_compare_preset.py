@@ -1,10 +1,10 @@
-"""The calibrated synthetic presets reproduce the reference traces' routing statistics.
+"""The fitted synthetic presets reproduce the reference traces' routing statistics.
 
 Both sides go through the same `trace_stats`. The synthetic trace has the reference's shape:
 Mixtral-8x7B: 4 requests with the reference's decode lengths (81/252/166/78); with 4 sequences the
 load CV is mostly sampling noise, so its figures are averaged over 8 seeds. DeepSeek-V2-Lite:
 prompt-only requests with the first 400 reference prompt lengths (the load CV at 400 prompts was
-within 0.005 of that at all 1,999 when calibrating, see conf/synth/deepseek_v2_lite.yaml).
+within 0.005 of that at all 1,999 when fitting the preset, see conf/synth/deepseek_v2_lite.yaml).
 """
 
 from pathlib import Path
@@ -14,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from lynx_sim.model import ModelSpec
-from lynx_sim.traces.calibrate import mean_stats, reference_stats, summary, synth_stats
+from lynx_sim.traces.compare_preset import mean_stats, reference_stats, summary, synth_stats
 from lynx_sim.traces.synth import SynthParams
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "traces"

@@ -1,7 +1,7 @@
-"""Calibration routing for rules that learn per-layer statistics (prune, sere, layer_k) in the
+"""The routing profile for rules that learn per-layer statistics (prune, sere, layer_k) in the
 closed loop: from a trace recorded from the same model (`python -m lynx_sim.traces record`),
-or recorded here from the model's own routing (vanilla, greedy) on calibration prompts. As in
-the simulator (policies/calibration.py), decode tokens are used when there are any.
+or recorded here from the model's own routing (vanilla, greedy) on profile prompts. As in
+the simulator (policies/routing_profile.py), decode tokens are used when there are any.
 """
 
 from __future__ import annotations
@@ -10,16 +10,16 @@ from pathlib import Path
 
 import torch
 
-from ..policies.calibration import Calibration
+from ..policies.routing_profile import RoutingProfile
 from ..traces.record import RouterTap, assemble, meta_for, pad_left
 
 
 def from_model(model, prompts: list[list[int]], *, batch_size: int, max_new_tokens: int, pad: int, eos: set[int],
-               held_out: bool, max_tokens: int = 4096) -> Calibration:
+               held_out: bool, max_tokens: int = 4096) -> RoutingProfile:
     """Generate greedily from tokenised `prompts` with the model's own routing and learn from it."""
     if not prompts:
-        raise ValueError("calibration: no calibration prompts")
-    meta = meta_for(model, "calibration")
+        raise ValueError("routing profile: no profile prompts")
+    meta = meta_for(model, "routing_profile")
     dev = next(model.parameters()).device
     arrays, decode_rows = [], 0
     for i0 in range(0, len(prompts), batch_size):
@@ -31,32 +31,32 @@ def from_model(model, prompts: list[list[int]], *, batch_size: int, max_new_toke
         decode_rows += int((arrays[-1].phase == 1).sum())
         if decode_rows >= max_tokens:
             break
-    return Calibration.from_arrays(arrays, held_out, max_tokens)
+    return RoutingProfile.from_arrays(arrays, held_out, max_tokens)
 
 
-def calibration_for(policy: str, model, tok, *, trace: str | None, prompts: str | None, in_sample: bool,
-                    batch_size: int, max_new_tokens: int, pad: int, eos: set[int], max_tokens: int = 4096,
-                    chat: bool = False) -> tuple[Calibration | None, dict | None]:
-    """(calibration, its summary for the results) for a registry policy that learns per-layer
+def profile_for(policy: str, model, tok, *, trace: str | None, prompts: str | None, in_sample: bool,
+                batch_size: int, max_new_tokens: int, pad: int, eos: set[int], max_tokens: int = 4096,
+                chat: bool = False) -> tuple[RoutingProfile | None, dict | None]:
+    """(routing profile, its summary for the results) for a registry policy that learns per-layer
     statistics, from `trace` when given, else from the model's routing on the `prompts` file
     (`in_sample`: those are the prompts being evaluated); (None, None) for other policies."""
     from ..policies import POLICIES
     from ..traces.record import read_prompts, tokenize
 
-    if policy not in POLICIES or not POLICIES[policy].needs_calibration:
+    if policy not in POLICIES or not POLICIES[policy].needs_profile:
         return None, None
     if trace:
-        calib, info = from_trace(trace, model, max_tokens), {"source": f"trace:{trace}", "in_sample": None}
+        profile, info = from_trace(trace, model, max_tokens), {"source": f"trace:{trace}", "in_sample": None}
     elif prompts:
-        calib = from_model(model, tokenize(tok, read_prompts(prompts), chat), batch_size=batch_size,
+        profile = from_model(model, tokenize(tok, read_prompts(prompts), chat), batch_size=batch_size,
                            max_new_tokens=max_new_tokens, pad=pad, eos=eos, held_out=not in_sample, max_tokens=max_tokens)
         info = {"source": f"prompts:{prompts}", "in_sample": in_sample}
     else:
-        raise ValueError(f"policy '{policy}' learns per-layer statistics: give --calib-trace or --calib-prompts")
-    return calib, {**info, "tokens": int(calib.ids.shape[0])}
+        raise ValueError(f"policy '{policy}' learns per-layer statistics: give --profile-trace or --profile-prompts")
+    return profile, {**info, "tokens": int(profile.ids.shape[0])}
 
 
-def from_trace(path: str | Path, model, max_tokens: int = 4096) -> Calibration:
+def from_trace(path: str | Path, model, max_tokens: int = 4096) -> RoutingProfile:
     """A recorded trace of the same model: its router shape must be the model's."""
     from ..traces.reader import open_trace
     from ..traces.source import FileSource
@@ -66,6 +66,6 @@ def from_trace(path: str | Path, model, max_tokens: int = 4096) -> Calibration:
     for name in ("num_experts", "top_k", "num_layers", "router"):
         have, exp = getattr(trace.meta, name), getattr(want, name)
         if have != exp:
-            raise ValueError(f"{path}: calibration trace: {name}: expected {exp} (the model's), found {have} "
+            raise ValueError(f"{path}: routing profile trace: {name}: expected {exp} (the model's), found {have} "
                              f"(recorded from {trace.meta.model!r})")
-    return Calibration.from_source(FileSource(trace), max_tokens)
+    return RoutingProfile.from_source(FileSource(trace), max_tokens)

@@ -1,4 +1,4 @@
-"""Calibration routing for rules that learn from trace statistics (layer_k, prune, sere).
+"""The routing profile: the routing that rules learning from trace statistics (layer_k, prune, sere) learn from.
 
 Taken from requests the run does not replay where the source allows it: the synthetic
 generator's requests 1,000,000 onwards (held out), else the first requests of the trace file
@@ -16,7 +16,7 @@ HELD_OUT_OFFSET = 1_000_000
 
 
 @dataclass
-class Calibration:
+class RoutingProfile:
     ids: torch.Tensor  # [N, L, k] int64
     weights: torch.Tensor | None  # [N, L, k]
     logits: torch.Tensor | None  # [N, L, E]
@@ -43,7 +43,7 @@ class Calibration:
         return w / w.sum(-1, keepdim=True).clamp_min(1e-30)
 
     @classmethod
-    def from_source(cls, source, max_tokens: int = 4096) -> "Calibration":
+    def from_source(cls, source, max_tokens: int = 4096) -> "RoutingProfile":
         R = source.num_requests
         held_out = R is None
         parts, total, r = [], 0, 0
@@ -57,7 +57,7 @@ class Calibration:
         return cls._from_parts(parts, held_out, max_tokens)
 
     @classmethod
-    def from_arrays(cls, arrays, held_out: bool, max_tokens: int = 4096) -> "Calibration":
+    def from_arrays(cls, arrays, held_out: bool, max_tokens: int = 4096) -> "RoutingProfile":
         """From routing in memory (TraceArrays, e.g. just recorded from a model): their decode
         rows when any has some, else all rows."""
         decode = any((a.phase == 1).any() for a in arrays)
@@ -65,9 +65,9 @@ class Calibration:
         return cls._from_parts([(a, rows) for a, rows in parts if rows.size], held_out, max_tokens)
 
     @classmethod
-    def _from_parts(cls, parts, held_out: bool, max_tokens: int) -> "Calibration":
+    def _from_parts(cls, parts, held_out: bool, max_tokens: int) -> "RoutingProfile":
         if not parts:
-            raise ValueError("calibration: the trace has no tokens to learn from")
+            raise ValueError("routing profile: the trace has no tokens to learn from")
 
         def cat(name):
             if getattr(parts[0][0], name) is None:
