@@ -5,7 +5,9 @@ calibration in the one format the simulator loads (lynx_sim/cost/calibration.py)
 The executor's rows become rows of the measured-MoE table schema carrying each layer's per-expert
 token counts (`expert_counts`): the same fit (lynx_sim/measured) prices them from the counts the
 kernels ran, not from a rebuilt routing. A seeded half of the rows is fitted, the other half held
-out for the reported error, beside the uncalibrated roofline's error on the same rows. Only the
+out for the reported error, beside the uncalibrated roofline's error on the same rows. Only rows
+launched with the most used tile height (`block_m`) are fitted, since the price pads every expert to
+one tile height; the others are counted in `source.rows_of_other_block_m`. Only the
 MoE component is fitted (the executor times the routed experts alone); a simulator loading the
 file prices the other components uncalibrated and says so.
 """
@@ -39,10 +41,13 @@ def fit(rows: pd.DataFrame, hw, device: str, seed: int = 0) -> dict:
     """The calibration file (lynx_sim/cost/calibration.py format) fitted on `rows` (moe_rows)."""
     from lynx_sim.measured.fit import errors, fit_moe, price_moe, split
 
+    block_m = int(rows.block_m.mode().iloc[0]) if len(rows) else 0  # the kernel's most used tile rows
+    other = int((rows.block_m != block_m).sum())
+    rows = rows[rows.block_m == block_m].reset_index(drop=True)  # the price pads to one tile height
     if len(rows) < 8:
-        raise ValueError(f"calibration needs 8 or more measured layers, found {len(rows)} (replay more steps or layers)")
+        raise ValueError(f"calibration needs 8 or more measured layers of one tile height, found {len(rows)} "
+                         "(replay more steps or layers)")
     counts = np.stack(rows.expert_counts.to_list())
-    block_m = int(rows.block_m.mode().iloc[0])  # the kernel's most used tile rows (per-row configs vary)
     today = MoEKernelParams.from_hardware(hw, 2)
     loads = tuple(np.asarray(a, dtype=float)[:, None] for a in moe_load(counts, block_m))  # [rows, 1 draw]
     uncal_loads = tuple(np.asarray(a, dtype=float)[:, None] for a in moe_load(counts, today.block_m))
@@ -54,7 +59,8 @@ def fit(rows: pd.DataFrame, hw, device: str, seed: int = 0) -> dict:
     heldout = errors(price_moe(rows, p, loads)[held], meas[held])
     uncal = errors(price_moe(rows, today, uncal_loads)[held], meas[held])
     return {"format": FORMAT, "gpu": hw.name, "date": _dt.date.today().isoformat(), "seed": seed,
-            "source": {"kind": "executor", "device": device, "rows": int(len(rows)), "block_m": block_m},
+            "source": {"kind": "executor", "device": device, "rows": int(len(rows)), "block_m": block_m,
+                       "rows_of_other_block_m": other},
             "report": None, "params": {"moe": asdict(p)},
             "heldout": {"moe_decode": {k: heldout[k] for k in ("median", "p90", "n")}},
             "uncalibrated": {"moe_decode": {k: uncal[k] for k in ("median", "p90", "n")}}}

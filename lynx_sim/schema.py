@@ -363,9 +363,10 @@ def _layout(cfg, serving: bool) -> None:
         try:
             hw = hw.calibrated(str(cal))
         except ValueError as e:
-            known = ", ".join(sorted(f.stem for f in CONF_CALIBRATIONS.glob("*.json")))
-            raise ConfigError("hardware.calibration", f"a calibration of {hw.name} (a name among {known}, or the "
-                              "path of a calibration file) or null", Worded(f"{cal!r}: {e}")) from None
+            known = [f.stem for f in sorted(CONF_CALIBRATIONS.glob("*.json")) if f'"gpu": "{hw.name}"' in f.read_text()]
+            names = f"'{known[0]}'" if len(known) == 1 else f"one of {known}" if known else "none in conf/calibration/"
+            raise ConfigError("hardware.calibration", f"a calibration of {hw.name} ({names}, or a calibration file's "
+                              "path) or null", Worded(str(e))) from None
     # the policy's constructor checks its parameters; its ValueErrors already name them
     _read("policy", lambda p: build_policy(p, model), cfg.policy, (KeyError, AttributeError))
     par = Parallel(cfg.parallel.gpus, cfg.parallel.expert_parallel)

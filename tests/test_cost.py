@@ -8,6 +8,7 @@ and the hardware yaml's factors), whose terms are short enough to write out; the
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 
@@ -163,6 +164,7 @@ def test_calibrated_model_prices_through_the_fitted_terms():
     from lynx_sim.cost.gemm import gemm_s
     from lynx_sim.cost.moe_layer import moe_layer_s
     from lynx_sim.cost.parallel import allreduce_fitted_s
+    from lynx_sim.cost.roofline import expert_stream_s
 
     m, h, r = load("qwen3_30b_a3b", "h200", calibrated=True)
     cal = h.calibration
@@ -181,8 +183,23 @@ def test_calibrated_model_prices_through_the_fitted_terms():
     tp2 = Roofline(m, h, Parallel(2))
     ar = float(allreduce_fitted_s(64 * H * 2, 2, cal.allreduce))
     np.testing.assert_allclose(tp2.moe_layers_s(counts, 64)[1], ar, rtol=1e-12)
-    assert r.expert_time_s() == pytest.approx(3 * H * I * 2 / (cal.moe.peak_bandwidth_Bps * cal.moe.bandwidth_efficiency)
-                                              + cal.moe.expert_us * 1e-6, rel=1e-12)
+    assert r.expert_time_s() == expert_stream_s(H, I, 2, cal.moe)
+
+
+def test_one_more_expert_costs_its_bytes_its_start_up_and_its_blocks():
+    """expert_stream_s by hand on a memory-bound kernel without overlap: one more expert holding
+    one token adds its weight bytes, its activation bytes, its start-up and its thread blocks."""
+    from lynx_sim.cost.moe_layer import MoEKernelParams
+    from lynx_sim.cost.roofline import expert_stream_s
+
+    p = MoEKernelParams(1e12, 1e15, 0.5, 0.5, fixed_us=20.0, block_m=16, expert_us=0.3, block_ns=2.0, block_n=64,
+                        k_ns=1.5, count_activations=True)
+    H, I = 1024, 256
+    blocks = -(-2 * I // 64) + -(-H // 64)  # gate+up columns, then down columns, one tile row
+    acts = 2 * (3 * H + 2 * 3 * I)
+    want = (3 * H * I * 2 + acts) / 0.5e12 + 0.3e-6 + blocks * 2e-9
+    assert expert_stream_s(H, I, 2, p) == pytest.approx(want, rel=1e-12)
+    assert expert_stream_s(H, I, 1, p) < expert_stream_s(H, I, 2, p)  # fewer bytes per weight
 
 
 def test_calibrated_decode_is_slower_than_the_roofline():
@@ -207,11 +224,14 @@ def test_serving_step_prices_decode_and_prefill_attention_apart():
     chunk = PrefillWork(seqs=2, tokens=256, cached=100, pairs=128 * 50 + 128 * 129 // 2 + 128 * 129 // 2)
     B = 30 + 256  # 30 decode sequences and the chunks' 256 tokens
     mixed = r.attention_s(B, 30 * 500, chunk)
-    pre = float(attention_s(356, chunk.pairs, 2, 32, 4, 128, 2, cal.attention_prefill, query_tokens=256))
+    joined = replace(cal.attention_prefill, fixed_us=0.0)  # one varlen kernel call: the decode fit's floor only
+    pre = float(attention_s(356, chunk.pairs, 2, 32, 4, 128, 2, joined, query_tokens=256))
     dec = float(attention_decode_s(30 * 500, 32, 4, 128, 2, cal.attention_decode, batch=30))
     proj = r._batch(B)["projections"]  # all 286 tokens through the projections
     assert mixed == pytest.approx(48 * (proj + dec + pre), rel=1e-12)
     assert r.attention_s(30, 30 * 500) == pytest.approx(48 * (r._batch(30)["projections"] + dec), rel=1e-12)
+    alone = float(attention_s(356, chunk.pairs, 2, 32, 4, 128, 2, cal.attention_prefill, query_tokens=256))
+    assert r.attention_s(256, 0, chunk) == pytest.approx(48 * (r._batch(256)["projections"] + alone), rel=1e-12)
 
 
 def test_calibration_file_is_checked_by_field(tmp_path):
@@ -221,7 +241,10 @@ def test_calibration_file_is_checked_by_field(tmp_path):
 
     _, h, _ = load()
     good = json.loads((CONF_DIR / "calibration" / "h100_sxm.json").read_text())
-    assert h.calibrated("h100_sxm").calibration.path == "conf/calibration/h100_sxm.json"
+    cal = h.calibrated("h100_sxm").calibration
+    assert cal.path == "conf/calibration/h100_sxm.json" and h.calibrated("h100_sxm.json").calibration == cal
+    assert cal.sha256 == hashlib.sha256((CONF_DIR / "calibration" / "h100_sxm.json").read_bytes()).hexdigest()
+    assert cal.describe()["sha256"] == cal.sha256 and cal.describe()["path"] == cal.path  # no absolute paths
     with pytest.raises(ValueError, match="of gpu 'h200', not 'h100_sxm'"):
         h.calibrated("h200")
     with pytest.raises(CalibrationError, match="known names"):
@@ -235,6 +258,11 @@ def test_calibration_file_is_checked_by_field(tmp_path):
         (lambda d: d["params"]["moe"].update(fixed_us=True), "'params.moe.fixed_us': expected a number"),
         (lambda d: d["params"]["allreduce"]["bus_Bps"].update({"2": 0}), "'params.allreduce.bus_Bps.2'"),
         (lambda d: d.pop("gpu"), "'gpu': expected a str"),
+        (lambda d: d.update(heldot={}), r"expected top-level keys among .* found \['heldot'\]"),
+        (lambda d: d["heldout"].update(moe_decode=0.04), "'heldout.moe_decode': expected {median, p90, n}"),
+        (lambda d: d["params"]["moe"].update(block_m=16.7), "'params.moe.block_m': expected an integer, found 16.7"),
+        (lambda d: d["params"]["moe"].pop("compute_efficiency"), r"'params.moe': expected keys \['compute_efficiency'\]"),
+        (lambda d: d["params_by_dtype"].update(fp8={"gemm": {}}), "'params_by_dtype': expected"),
     ]
     for mutate, msg in cases:
         d = json.loads(json.dumps(good))
@@ -285,6 +313,18 @@ def test_every_hardware_is_complete_and_ordered_by_bandwidth():
     by_time = sorted(times, key=times.get)
     assert by_time == sorted(achievable, key=achievable.get, reverse=True), by_time
     assert by_time[0] == "b200" and by_time[-1] == "l40s", by_time
+
+
+def test_fp8_experts_use_the_fitted_fp8_block_kernel():
+    """1-byte experts are priced with the calibration's block-scaled fp8 fit (its own peak and
+    efficiencies), and the summary says so; uncalibrated, with the fp8 peak."""
+    m, h, _ = load("deepseek_v3", "h200", calibrated=True)
+    assert m.weight_bytes == 1
+    r = Roofline(m, h)
+    assert r.moe_params == h.calibration.moe_by_dtype["fp8_block"] and r.moe_params.peak_flops == 1978.9e12
+    assert any("block-scaled fp8" in a for a in r.assumptions())
+    _, raw, _ = load("deepseek_v3", "h200")
+    assert Roofline(m, raw).moe_params.peak_flops == 1978.9e12
 
 
 def test_tile_padding_rounds_each_expert_up_to_the_block():
@@ -343,3 +383,63 @@ def test_expert_parallel_slowest_rank_gates_the_layer():
         Roofline(m, h, Parallel(gpus=3, expert_parallel=True)).moe_layers_s(counts, 8)
     with pytest.raises(ValueError, match="parallel.gpus"):
         Parallel(gpus=0)
+
+
+def test_tensor_parallel_shapes_by_hand():
+    """Uncalibrated, TP 8 on Qwen2-57B-A14B (28 query heads of 128, 4 KV heads, a shared expert of
+    20480): each rank's QKV GEMM holds 28/8 query heads and one replicated KV head each of K and
+    V; the output GEMM 28/8 heads; the shared expert 1/8 of its width; the router is replicated;
+    the LM head holds 1/8 of the vocabulary; an all-reduce ends attention and the MoE block."""
+    from lynx_sim.cost import Parallel
+
+    m, h, _ = load("qwen2_57b_a14b", "h200")
+    r = Roofline(m, h, Parallel(8))
+    H, B = m.hidden_size, 4096  # a batch large enough that every GEMM is compute-bound somewhere
+    g = lambda n, k: roofline_gemm(h, B, n, k)  # noqa: E731
+    proj = g((28 / 8 + 2 * 1) * 128, H) + g(H, 28 / 8 * 128)
+    assert r._batch(B)["projections"] == pytest.approx(proj, rel=1e-12)
+    side = g(m.num_experts, H) + g(2 * 20480 / 8, H) + g(H, 20480 / 8)
+    assert r._batch(B)["moe_side"] == pytest.approx(side, rel=1e-12)
+    assert r.lm_head_s(B) == pytest.approx(g(m.vocab_size / 8, H), rel=1e-12)
+    ar = 2 * 7 / 8 * B * H * 2 / h.interconnect_Bps + h.collective_latency_us * 1e-6
+    kernel = r.attention_s(B, B * 100) / m.num_layers - proj - ar
+    hand = max(B * 100 * 2 * 1 * 128 * 2 / h.bandwidth_Bps, 4 * 28 / 8 * 128 * B * 100 / h.flops_per_s(2)) + 8e-6
+    assert kernel == pytest.approx(hand, rel=1e-9)
+    counts = np.zeros((m.num_moe_layers, m.num_experts), dtype=np.int64)
+    counts[:, :8] = B
+    assert r.comm_s(B, counts) == pytest.approx(ar * (m.num_layers + m.num_moe_layers + 2 * (m.num_layers - m.num_moe_layers)))
+
+
+def test_expert_parallel_attention_and_router_on_the_busiest_rank():
+    """EP over 4 GPUs (DeepSeek-V2-Lite, MLA): the busiest rank attends ceil(B / 4) whole decode
+    sequences and their share of the KV reads, runs the router on its ceil(B / 4) tokens, and a
+    single prefill chunk stays whole on one rank."""
+    from lynx_sim.cost import Parallel
+    from lynx_sim.cost.roofline import PrefillWork
+
+    m, h, _ = load("deepseek_v2_lite", "h200")
+    ep, one = Roofline(m, h, Parallel(4, expert_parallel=True)), Roofline(m, h)
+    B = 4098  # 1025 sequences on the busiest rank
+    lat = 512 + 64
+    kernel = ep.attention_s(B, B * 300) / m.num_layers - ep._batch(B)["projections"]
+    hand = max(B * 300 * 1025 / B * lat * 2 / h.bandwidth_Bps, 4 * 16 * lat * B * 300 * 1025 / B / h.flops_per_s(2)) + 8e-6
+    assert kernel == pytest.approx(hand, rel=1e-9)
+    assert ep._batch(B)["moe_side"] - one._batch(1025)["moe_side"] == pytest.approx(0.0, abs=1e-15)
+    chunk = PrefillWork(seqs=1, tokens=2048, cached=0, pairs=2048 * 2049 // 2)
+    whole = one.attention_s(2048, 0, chunk) - one._batch(2048)["projections"] * m.num_layers
+    on_ep = ep.attention_s(2048, 0, chunk) - ep._batch(2048)["projections"] * m.num_layers
+    assert on_ep == pytest.approx(whole, rel=1e-12)  # the chunk is not divided among the ranks
+
+
+def test_mla_prefill_runs_decompressed_attention():
+    """MLA prefill FLOPs are multi-head attention's, 2 h (qk + v) per pair (DeepSeek-V2-Lite:
+    16 heads, qk 192, v 128), not the latent kernel's; its KV bytes are the cached latent's."""
+    from lynx_sim.cost.roofline import PrefillWork
+
+    m, h, r = load("deepseek_v2_lite", "h200")
+    n = 4096
+    chunk = PrefillWork(seqs=1, tokens=n, cached=0, pairs=n * (n + 1) // 2)
+    kernel = r.attention_s(n, 0, chunk) / m.num_layers - r._batch(n)["projections"]
+    flops = 2 * 16 * (192 + 128) * chunk.pairs
+    hand = max(n * (512 + 64) * 2 / h.bandwidth_Bps, flops / h.flops_per_s(2)) + 8e-6
+    assert kernel == pytest.approx(hand, rel=1e-9)

@@ -256,10 +256,11 @@ def test_profiled_rules_act_per_layer_in_the_closed_loop():
 
 
 def test_cost_aware_rules_price_this_models_experts():
-    """oracle's expert time in the closed loop: this model's expert bytes (float64 here) streamed
-    at the named hardware's calibrated MoE bandwidth, plus its per-expert start-up."""
+    """oracle's expert time in the closed loop: one more expert of this model's shape and weight
+    width (float64 here) in the named hardware's calibrated MoE kernel (expert_stream_s)."""
     from lynx_sim.config import compose
     from lynx_sim.cost.hardware import HardwareSpec
+    from lynx_sim.cost.roofline import expert_stream_s
     from lynx_sim.evaluate.__main__ import build_policy_for, expert_bytes
 
     model = build("mixtral")
@@ -267,8 +268,7 @@ def test_cost_aware_rules_price_this_models_experts():
     for hw in ("h100_sxm", "h200"):
         pol = build_policy_for(model, "oracle", hardware=hw)
         p = HardwareSpec.from_cfg(compose([f"hardware={hw}"]).hardware).calibration.moe
-        want = 3 * 32 * 48 * 8 / (p.peak_bandwidth_Bps * p.bandwidth_efficiency) + p.expert_us * 1e-6
-        assert pol.expert_time_s == pytest.approx(want, rel=1e-12)
+        assert pol.expert_time_s == pytest.approx(expert_stream_s(32, 48, 8, p), rel=1e-12)  # H=32, I=48, float64
 
 
 @pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])

@@ -111,7 +111,7 @@ def test_calibration_fit_recovers_the_kernel_and_writes_the_simulators_format(tm
     want = moe_layer_s(counts, model.hidden_size, model.expert_intermediate_size, 2, cal.calibration.moe)
     np.testing.assert_array_equal(r.routed_experts_s(counts), want)
     assert any("attention_decode priced uncalibrated" in a for a in r.assumptions())
-    with pytest.raises(ValueError, match="8 or more measured layers"):
+    with pytest.raises(ValueError, match="8 or more measured layers of one tile height"):
         calibrate.fit(rows[:5], hw, "test GPU")
 
 

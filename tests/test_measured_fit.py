@@ -84,28 +84,30 @@ def _load(model, hw="h100_sxm"):
 @pytest.mark.parametrize("model, tp", [("mixtral_8x7b", 1), ("qwen3_30b_a3b", 2), ("deepseek_v2_lite", 1),
                                        ("gpt_oss_120b", 4)])
 def test_today_params_reproduce_the_roofline_moe_term_bit_for_bit(model, tp):
-    """Roofline._moe_rank_s (which now calls moe_layer_s) equals the formula it had before, and
-    routed_experts_s equals moe_layer_s with from_hardware (fixed cost included), exactly."""
+    """Uncalibrated, the routed experts cost max(distinct x expert bytes / BW, padded rows x 2
+    expert params / FLOP/s) + the fixed cost, the roofline's formula, exactly; the new fields
+    (per-block cost, per-expert start-up, ...) are off, and the roofline prices through moe_layer_s."""
     m, h = _load(model)
+    h = replace(h, calibration=None)
     r = Roofline(m, h, Parallel(gpus=tp))
     counts = np.random.default_rng(tp).multinomial(64 * m.top_k, np.full(m.num_experts, 1 / m.num_experts), size=6)
-    old_distinct = np.count_nonzero(counts, axis=-1)
-    old_padded = r.padded(counts).sum(-1)
-    old_bytes = old_distinct * (m.expert_bytes / tp) + r._moe_const_bytes
-    old_flops = old_padded * (2.0 * m.expert_params / tp) + r._moe_flops_per_token * 64
-    old = np.maximum(old_bytes / r.moe_bw, old_flops / r.expert_fps)
-    assert np.array_equal(r._moe_rank_s(counts, 64), old)
-    if tp == 1:
-        p = MoEKernelParams.from_hardware(h, m.weight_bytes)
-        assert np.array_equal(moe_layer_s(counts, m.hidden_size, m.expert_intermediate_size, m.weight_bytes, p),
-                              r.routed_experts_s(counts))
+    p = MoEKernelParams.from_hardware(h, m.weight_bytes)
+    assert p.block_ns == 0 and p.k_ns == 0 and p.expert_us == 0 and p.rho == 0 and p.gamma == 0
+    assert not p.count_activations and p.misaligned == 1
+    distinct = np.count_nonzero(counts, axis=-1)
+    padded = (-(-counts // h.moe_block_m) * h.moe_block_m).sum(-1)
+    old = np.maximum(distinct * (m.expert_bytes / tp) / h.bandwidth_Bps,
+                     padded * (2.0 * m.expert_params / tp) / h.flops_per_s(m.weight_bytes)) + h.moe_layer_fixed_us * 1e-6
+    got = moe_layer_s(counts, m.hidden_size, m.expert_intermediate_size / tp, m.weight_bytes, p)
+    assert np.array_equal(got, old)
+    assert np.array_equal(r.routed_experts_s(counts), got)
     assert p_matches_hardware(h, m.weight_bytes)
 
 
 def p_matches_hardware(h, wb) -> bool:
     p = MoEKernelParams.from_hardware(h, wb)
     return (p.peak_flops * p.compute_efficiency == h.flops_per_s(wb)
-            and p.peak_bandwidth_Bps * p.bandwidth_efficiency == h.moe_bandwidth_Bps and p.block_m == h.moe_block_m)
+            and p.peak_bandwidth_Bps * p.bandwidth_efficiency == h.bandwidth_Bps and p.block_m == h.moe_block_m)
 
 
 def test_gemm_hand_arithmetic_and_today():
@@ -114,11 +116,16 @@ def test_gemm_hand_arithmetic_and_today():
     comp = 2 * 2 * 8 * 4 / 0.5e12
     assert float(gemm_s(2, 8, 4, 2, p)) == pytest.approx(1e-6 + max(mem, comp) + 0.5 * min(mem, comp), rel=1e-12)
     assert float(gemm_s(2, 8, 4, 2, replace(p, k_ns=1e6))) == pytest.approx(1e-6 + 4e-3 + 0.5 * min(mem, comp))
+    # split-K: the serial chain stops at k_split, then k_tail_ns per element of k
+    ps = replace(p, k_ns=1e6, k_split=3, k_tail_ns=1e5)
+    assert float(gemm_s(2, 8, 4, 2, ps)) == pytest.approx(1e-6 + 3e-3 + 1e-4 + 0.5 * min(mem, comp))
+    assert float(gemm_s(2, 8, 2, 2, ps)) == pytest.approx(1e-6 + 2e-3 + 0.5 * min(
+        (8 * 2 * 2 + (2 * 2 + 2 * 8) * 2) / 0.5e9, 2 * 2 * 8 * 2 / 0.5e12))  # k below the split: k x k_ns
     m, h = _load("mixtral_8x7b")
-    r = Roofline(m, h)
     today = GemmParams.from_hardware(h, 2)
-    assert float(gemm_s(3, 4096, 1024, 2, today, act_bytes=0.0)) == r._time1(4096 * 1024 * 2, 2.0 * 3 * 4096 * 1024,
-                                                                            h.flops_per_s(2))
+    assert today.k_split == 0 and today.k_ns == 0 and today.fixed_us == 0
+    want = max(4096 * 1024 * 2 / h.bandwidth_Bps, 2.0 * 3 * 4096 * 1024 / h.flops_per_s(2))  # weights / BW vs FLOPs
+    assert float(gemm_s(3, 4096, 1024, 2, today, act_bytes=0.0)) == pytest.approx(want, rel=1e-12)
 
 
 # ---------------------------------------------------------------- the fit on synthetic tables

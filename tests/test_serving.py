@@ -68,6 +68,23 @@ def drive(s: Scheduler, steps: int):
     return plans
 
 
+def test_attention_work_of_a_mixed_iteration_by_hand():
+    """Two decoding requests (cached 10 and 20 rows) and two chunks (a fresh prompt's first 8 rows;
+    4 rows after 6 cached): the decode KV reads include each new row; the chunks' pairs are causal."""
+    from lynx_sim.cost.roofline import PrefillWork
+    from lynx_sim.engine.serving import attention_work
+
+    a = Request(0, 0, 0.0, prompt=5, output=9, computed=10, emitted=6)
+    b = Request(1, 1, 0.0, prompt=15, output=9, computed=20, emitted=6)
+    c = Request(2, 2, 0.0, prompt=16, output=4)
+    d = Request(3, 3, 0.0, prompt=16, output=4, computed=6)
+    assert not a.in_prefill and not b.in_prefill and c.in_prefill and d.in_prefill
+    kv, pre = attention_work([(a, 1), (b, 1), (c, 8), (d, 4)])
+    assert kv == 11 + 21
+    assert pre == PrefillWork(seqs=2, tokens=12, cached=6, pairs=8 * 9 // 2 + (4 * 6 + 4 * 5 // 2))
+    assert attention_work([(a, 1)]) == (11, None)
+
+
 def test_chunked_prefill_shares_the_budget_with_decodes():
     s = Scheduler(SchedulerConfig(max_seqs=8, max_tokens=10, kv_capacity_tokens=1024, block_tokens=4))
     s.add(req(0, 3, 3))

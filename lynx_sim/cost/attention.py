@@ -22,7 +22,7 @@ batch (per-sequence metadata, page-table walk and the split-KV reduction grow wi
 when every sequence is short); gamma in [0, 1] how little memory and compute overlap (0: the
 roofline's max, 1: they add). With fixed = attention_layer_fixed_us, seq_us = seq_head_us =
 gamma = 0, no query bytes and the hardware's factors (`AttentionParams.from_hardware`) this is today's roofline attention term
-without the projection weights. `lynx_sim/measured/fit.py` fits the parameters to NVIDIA
+without the projection weights. `lynx_sim/measured/attention_fit.py` fits the parameters to NVIDIA
 AIConfigurator's measured vLLM attention tables.
 """
 
@@ -57,15 +57,23 @@ class AttentionParams:
 
 def attention_s(kv_tokens, pairs, sequences, heads, kv_heads, head_dim, kv_bytes, p: AttentionParams,
                 query_tokens=0.0) -> np.ndarray:
-    """Seconds of one attention layer's kernel (module docstring); arrays broadcast."""
-    kv_tokens, pairs, sequences, heads, kv_heads, head_dim, query_tokens = (
-        np.asarray(v, dtype=np.float64) for v in (kv_tokens, pairs, sequences, heads, kv_heads, head_dim, query_tokens))
+    """Seconds of one attention layer's kernel (module docstring); arrays broadcast. Plain numbers
+    give a plain float (the simulator prices a step with them: numpy's per-call cost would dominate),
+    bit-identical to the array result."""
+    args = (kv_tokens, pairs, sequences, heads, kv_heads, head_dim, query_tokens)
+    if all(isinstance(v, (int, float)) for v in args):
+        kv_tokens, pairs, sequences, heads, kv_heads, head_dim, query_tokens = map(float, args)
+        hi, lo = max, min
+    else:
+        kv_tokens, pairs, sequences, heads, kv_heads, head_dim, query_tokens = (
+            np.asarray(v, dtype=np.float64) for v in args)
+        hi, lo = np.maximum, np.minimum
     bytes_ = kv_tokens * (2.0 * kv_heads * head_dim * kv_bytes)
     if p.count_queries:
         bytes_ = bytes_ + query_tokens * (2.0 * heads * head_dim * ACT_BYTES)
     mem = bytes_ / (p.peak_bandwidth_Bps * p.bandwidth_efficiency)
     comp = 4.0 * heads * head_dim * pairs / (p.peak_flops * p.compute_efficiency)
-    t = np.maximum(mem, comp) + p.gamma * np.minimum(mem, comp)
+    t = hi(mem, comp) + p.gamma * lo(mem, comp)
     return t + (p.fixed_us + sequences * (p.seq_us + kv_heads * p.seq_head_us)) * 1e-6
 
 
@@ -73,9 +81,11 @@ def attention_decode_s(kv_lens, heads, kv_heads, head_dim, kv_bytes, p: Attentio
     """One decode step (one query token per sequence). `batch=None`: `kv_lens` [..., B] are each
     sequence's cached positions (the new token included), summed over the last axis, B
     sequences; else `kv_lens` is already that sum over `batch` sequences (arrays broadcast)."""
-    kv = np.asarray(kv_lens, dtype=np.float64)
     if batch is None:
+        kv = np.asarray(kv_lens, dtype=np.float64)
         kv, batch = kv.sum(-1), kv.shape[-1]
+    else:
+        kv = kv_lens if isinstance(kv_lens, (int, float)) else np.asarray(kv_lens, dtype=np.float64)
     return attention_s(kv, kv, batch, heads, kv_heads, head_dim, kv_bytes, p, query_tokens=batch)
 
 

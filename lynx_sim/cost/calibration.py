@@ -10,14 +10,17 @@ names the calibration it used (`CostCalibration.describe`).
 
 File (JSON): {"format": 1, "gpu", "date", "seed", "source": {...}, "report": path of the full
 fit record, "params": {"moe", "gemm", "attention": {"decode", "prefill"}, "allreduce"} (each the
-fields of its parameter class; a component may be absent: it is then priced uncalibrated and
-named so), "heldout": {component: {"median", "p90", "n"}}}.
+fields of its parameter class, bf16 kernels; a component may be absent: it is then priced
+uncalibrated and named so), "params_by_dtype": {"fp8" | "fp8_block": {"moe": {...}}} (MoE
+kernels fitted on other weight formats), "heldout" and "uncalibrated": {component: {"median",
+"p90", "n"}} (errors on held-out rows, of the fit and of the uncalibrated roofline)}.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 from .attention import AttentionParams
@@ -26,8 +29,10 @@ from .moe_layer import MoEKernelParams
 from .parallel import AllReduceParams
 
 FORMAT = 1
-CONF_CALIBRATIONS = Path(__file__).resolve().parents[2] / "conf" / "calibration"
+REPO = Path(__file__).resolve().parents[2]
+CONF_CALIBRATIONS = REPO / "conf" / "calibration"
 COMPONENTS = ("moe", "gemm", "attention_decode", "attention_prefill", "allreduce")
+TOP_KEYS = {"format", "gpu", "date", "seed", "source", "report", "params", "params_by_dtype", "heldout", "uncalibrated"}
 
 
 class CalibrationError(ValueError):
@@ -47,6 +52,8 @@ class CostCalibration:
     allreduce: AllReduceParams | None = None
     heldout: dict = field(default_factory=dict)
     seed: int | None = None
+    moe_by_dtype: dict = field(default_factory=dict)  # weight format (fp8, fp8_block) -> MoEKernelParams
+    sha256: str | None = None  # of the file's bytes (load)
 
     @property
     def fitted(self) -> tuple[str, ...]:
@@ -67,30 +74,45 @@ class CostCalibration:
 
     def describe(self) -> dict:
         """What a summary records of the calibration it priced with."""
-        return {"name": Path(self.path).stem, "path": self.path, "gpu": self.gpu, "source": self.source_line(),
+        return {"name": Path(self.path).stem, "path": self.path, "sha256": self.sha256, "gpu": self.gpu,
+                "source": self.source_line(),
                 "date": self.date, "fitted": list(self.fitted), "not_fitted": list(self.missing),
                 "heldout_error": {k: {q: v.get(q) for q in ("median", "p90")} for k, v in self.heldout.items()}}
 
     @classmethod
     def load(cls, name_or_path: str | Path) -> "CostCalibration":
-        """A calibration by name (conf/calibration/<name>.json) or by path."""
-        p, shown = Path(str(name_or_path)), str(name_or_path)
-        if p.suffix != ".json" and "/" not in str(name_or_path):  # a name: machine-independent in summaries
-            p, shown = CONF_CALIBRATIONS / f"{name_or_path}.json", f"conf/calibration/{name_or_path}.json"
+        """A calibration by name (conf/calibration/<name>.json; `<name>.json` too) or by path (one
+        with a folder in it). Summaries show a path inside this repository relative to it, so that
+        they do not depend on where the repository lies, and the file's SHA-256."""
+        text = str(name_or_path)
+        if "/" not in text:  # a name: machine-independent in summaries
+            name = text[:-5] if text.endswith(".json") else text
+            p = CONF_CALIBRATIONS / f"{name}.json"
+        else:
+            p = Path(text)
         try:
-            data = json.loads(p.read_text())
+            raw = p.read_bytes()
+            data = json.loads(raw)
         except FileNotFoundError:
             known = sorted(f.stem for f in CONF_CALIBRATIONS.glob("*.json"))
-            raise CalibrationError(f"calibration {name_or_path!r}: expected a file {p} (known names: {known}), "
+            raise CalibrationError(f"calibration {text!r}: expected a file {p} (known names: {known}), "
                                    "found none") from None
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:
             raise CalibrationError(f"{p}: expected a readable JSON calibration, found {e}") from None
-        return cls.from_dict(data, shown)
+        try:
+            shown = str(p.resolve().relative_to(REPO))
+        except ValueError:
+            shown = str(p)
+        cal = cls.from_dict(data, shown)
+        return replace(cal, sha256=hashlib.sha256(raw).hexdigest())
 
     @classmethod
     def from_dict(cls, data: dict, path: str) -> "CostCalibration":
         if not isinstance(data, dict):
             raise CalibrationError(f"{path}: expected a JSON object, found {type(data).__name__}")
+        unknown = sorted(set(data) - TOP_KEYS)
+        if unknown:
+            raise CalibrationError(f"{path}: expected top-level keys among {sorted(TOP_KEYS)}, found {unknown}")
         if data.get("format") != FORMAT:
             raise CalibrationError(f"{path}: field 'format': expected {FORMAT}, found {data.get('format')!r}")
         for key, kind in (("gpu", str), ("date", str), ("source", dict), ("params", dict)):
@@ -106,16 +128,30 @@ class CostCalibration:
         if not isinstance(attention, dict):
             raise CalibrationError(f"{path}: field 'params.attention': expected an object with decode/prefill, "
                                    f"found {type(attention).__name__}")
+        by_dtype = data.get("params_by_dtype") or {}
+        if not isinstance(by_dtype, dict) or any(not isinstance(v, dict) or set(v) - {"moe"} for v in by_dtype.values()):
+            raise CalibrationError(f"{path}: field 'params_by_dtype': expected {{format: {{'moe': {{...}}}}}}, "
+                                   f"found {json.dumps(by_dtype)[:80]}")
+        moe_by_dtype = {str(k): _params(MoEKernelParams, v.get("moe"), path, f"params_by_dtype.{k}.moe")
+                        for k, v in by_dtype.items() if v.get("moe") is not None}
         heldout = data.get("heldout") or {}
-        if not isinstance(heldout, dict):
-            raise CalibrationError(f"{path}: field 'heldout': expected an object, found {type(heldout).__name__}")
+        for key in ("heldout", "uncalibrated"):
+            errs = data.get(key) or {}
+            if not isinstance(errs, dict):
+                raise CalibrationError(f"{path}: field '{key}': expected an object, found {type(errs).__name__}")
+            for comp, e in errs.items():
+                if not isinstance(e, dict) or any(
+                        v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0)
+                        for v in (e.get(q) for q in ("median", "p90", "n"))):
+                    raise CalibrationError(f"{path}: field '{key}.{comp}': expected {{median, p90, n}} numbers >= 0 "
+                                           f"or null, found {json.dumps(e)[:80]}")
         return cls(gpu=data["gpu"], path=path, date=data["date"], source=data["source"], seed=data.get("seed"),
                    moe=_params(MoEKernelParams, params.get("moe"), path, "params.moe"),
                    gemm=_params(GemmParams, params.get("gemm"), path, "params.gemm"),
                    attention_decode=_params(AttentionParams, attention.get("decode"), path, "params.attention.decode"),
                    attention_prefill=_params(AttentionParams, attention.get("prefill"), path,
                                              "params.attention.prefill"),
-                   allreduce=_allreduce(params.get("allreduce"), path), heldout=heldout)
+                   allreduce=_allreduce(params.get("allreduce"), path), heldout=heldout, moe_by_dtype=moe_by_dtype)
 
 
 def _params(cls, d, path: str, where: str):
@@ -144,11 +180,14 @@ def _params(cls, d, path: str, where: str):
             raise CalibrationError(f"{path}: field '{where}.{k}': expected a positive number, found {v!r}")
         if v < 0:
             raise CalibrationError(f"{path}: field '{where}.{k}': expected a number >= 0, found {v!r}")
-        out[k] = int(v) if names[k].type in ("int",) else float(v)
-    try:
-        return cls(**out)
-    except TypeError as e:
-        raise CalibrationError(f"{path}: field '{where}': {e}") from None
+        if names[k].type == "int" and v != int(v):
+            raise CalibrationError(f"{path}: field '{where}.{k}': expected an integer, found {v!r}")
+        out[k] = int(v) if names[k].type == "int" else float(v)
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    absent = [k for k in required if k not in out]
+    if absent:
+        raise CalibrationError(f"{path}: field '{where}': expected keys {absent}, found none")
+    return cls(**out)
 
 
 def _allreduce(d, path: str) -> AllReduceParams | None:
@@ -177,7 +216,9 @@ def _allreduce(d, path: str) -> AllReduceParams | None:
 def conf_record(record: dict, report: str | None = None) -> dict:
     """The calibration file (this module's format) of a full fit record (lynx_sim/measured):
     the parameters, source and date, and the held-out error per component."""
+    comps = record.get("components", {})
     return {"format": FORMAT, "gpu": record["gpu"], "date": record["date"], "seed": record.get("seed"),
             "source": record["source"], "report": report, "params": record["params"],
-            "heldout": {k: {q: c["heldout"].get(q) for q in ("median", "p90", "n")}
-                        for k, c in record.get("components", {}).items()}}
+            "params_by_dtype": record.get("params_by_dtype") or {},
+            "heldout": {k: {q: c["heldout"].get(q) for q in ("median", "p90", "n")} for k, c in comps.items()},
+            "uncalibrated": {k: {q: c["uncalibrated"].get(q) for q in ("median", "p90", "n")} for k, c in comps.items()}}

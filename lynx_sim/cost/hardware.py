@@ -29,15 +29,14 @@ class HardwareSpec:
     step_overhead_us: float
     collective_latency_us: float = 10.0  # assumed: one small NCCL collective within a node
     moe_block_m: int = 16  # rows of a grouped-GEMM tile: each expert's tokens are padded to it
-    moe_bandwidth_efficiency: float | None = None  # the MoE kernel's own streaming efficiency; None: bandwidth_efficiency
     measured: tuple[str, ...] = ()  # factors measured on the GPU (benchmarks/hardware_probe.py); the rest assumed
     calibration: CostCalibration | None = None  # fitted cost terms (conf/calibration/<name>.json); None: the roofline
 
     @classmethod
     def from_cfg(cls, h) -> "HardwareSpec":
-        optional = {"collective_latency_us", "moe_block_m", "moe_bandwidth_efficiency", "measured", "calibration"}
+        optional = {"collective_latency_us", "moe_block_m", "measured", "calibration"}
         fields = {k: h[k] for k in cls.__dataclass_fields__ if k not in optional}
-        fields.update({k: h[k] for k in ("collective_latency_us", "moe_block_m", "moe_bandwidth_efficiency")
+        fields.update({k: h[k] for k in ("collective_latency_us", "moe_block_m")
                        if h.get(k) is not None})
         spec = cls(**{k: (str(v) if k == "name" else int(v) if k == "moe_block_m" else float(v)) for k, v in fields.items()})
         measured = tuple(h.get("measured") or ())
@@ -67,12 +66,6 @@ class HardwareSpec:
     def assumed(self) -> tuple[str, ...]:
         """The uncalibrated roofline's factors and fixed costs that were not measured on the GPU."""
         return tuple(f for f in ROOFLINE_FIELDS if f not in self.measured)
-
-    @property
-    def moe_bandwidth_Bps(self) -> float:
-        """Achievable HBM bandwidth of the MoE kernels, bytes/s."""
-        eff = self.bandwidth_efficiency if self.moe_bandwidth_efficiency is None else self.moe_bandwidth_efficiency
-        return self.hbm_bandwidth_gbps * 1e9 * eff
 
     @property
     def interconnect_Bps(self) -> float:

@@ -52,7 +52,7 @@ class AllReduceParams:
         t(bytes, g) = latency_us[g] + 2 (g - 1) / g x bytes / bus_Bps[g]
 
     the ring model of `allreduce_s` with its latency and link bandwidth measured per g (vLLM's
-    custom all-reduce under CUDA graphs; lynx_sim/measured/fit.py). Keys are str(g) (JSON)."""
+    custom all-reduce under CUDA graphs; lynx_sim/measured/allreduce_fit.py). Keys are str(g) (JSON)."""
 
     latency_us: dict
     bus_Bps: dict

@@ -77,22 +77,33 @@ class StepCost:
 def _for_width(p, weight_bytes: float, hw: HardwareSpec):
     """A bf16-fitted parameter set for weights of another width: the peak of the MMA that width
     runs on (fp8 tensor cores for 1-byte weights; bf16 for 2-byte and 4-bit weight-only formats,
-    dequantised before a bf16 MMA), the fitted efficiencies kept (an assumption `assumptions` names)."""
+    dequantised before a bf16 MMA), the fitted efficiencies kept (an assumption `assumptions` names).
+    The bf16 Triton MoE kernel's slowdown on shards not a multiple of 16 (`misaligned`) is not
+    carried over: other formats' kernels pad each partition."""
     peak = (hw.fp8_tflops if weight_bytes == 1 else hw.bf16_tflops) * 1e12
-    return p if p.peak_flops == peak else replace(p, peak_flops=peak)
+    if p.peak_flops != peak:
+        p = replace(p, peak_flops=peak)
+    if weight_bytes != FIT_WEIGHT_BYTES and getattr(p, "misaligned", 1.0) != 1.0:
+        p = replace(p, misaligned=1.0)
+    return p
 
 
 def moe_params(hw: HardwareSpec, weight_bytes: float) -> MoEKernelParams:
     """The fused-MoE parameters for this hardware and expert weight width: its calibration's fit
-    where it has one, else the uncalibrated roofline's."""
+    (1-byte experts: the fit of the block-scaled fp8 kernel where the calibration has one) where it
+    has one, else the uncalibrated roofline's."""
     cal = hw.calibration
+    if cal is not None and weight_bytes == 1 and "fp8_block" in cal.moe_by_dtype:
+        return cal.moe_by_dtype["fp8_block"]
     p = cal.moe if cal is not None and cal.moe is not None else MoEKernelParams.from_hardware(hw, weight_bytes)
     return _for_width(p, weight_bytes, hw)
 
 
-def expert_stream_s(expert_bytes: float, p: MoEKernelParams) -> float:
-    """Memory-bound time of one more distinct expert of `expert_bytes` in a decode MoE layer."""
-    return expert_bytes / (p.peak_bandwidth_Bps * p.bandwidth_efficiency) + p.expert_us * 1e-6
+def expert_stream_s(hidden: float, inter: float, weight_bytes: float, p: MoEKernelParams) -> float:
+    """Time of one more distinct expert (holding one token) in a decode MoE layer: the layer's
+    price with two such experts minus its price with one (moe_layer.py prices both)."""
+    one, two = np.array([[1, 0]]), np.array([[1, 1]])
+    return float(moe_layer_s(two, hidden, inter, weight_bytes, p)[0] - moe_layer_s(one, hidden, inter, weight_bytes, p)[0])
 
 
 class Roofline:
@@ -115,13 +126,16 @@ class Roofline:
         today = AttentionParams.from_hardware(hw)
         self.attn_decode = cal.attention_decode if cal is not None and cal.attention_decode is not None else today
         self.attn_prefill = cal.attention_prefill if cal is not None and cal.attention_prefill is not None else today
+        # a mixed serving step runs decode and prefill in one varlen kernel call: one floor per layer
+        self._attn_prefill_joined = replace(self.attn_prefill, fixed_us=0.0)
         self._batch_terms: dict = {}
 
     # ------------------------------------------------------------ building blocks
 
-    def _gemm(self, m: float, n: float, k: float) -> float:
-        """One dense GEMM of m tokens through an [k -> n] weight on one rank."""
-        return float(gemm_s(m, n, k, self.model.dense_weight_bytes, self.gemm_params, self._act_bytes))
+    def _gemm(self, m: float, n: float, k: float, weight_bytes: float | None = None) -> float:
+        """One dense GEMM of m tokens through an [k -> n] weight on one rank (default width: the dense weights')."""
+        wb = self.model.dense_weight_bytes if weight_bytes is None else weight_bytes
+        return float(gemm_s(m, n, k, wb, self.gemm_params, self._act_bytes))
 
     def _allreduce(self, message_bytes: float, gpus: int) -> float:
         """One all-reduce over `gpus` ranks: the calibration's fit for that group size, else the ring model."""
@@ -137,11 +151,13 @@ class Roofline:
         return -(-batch // self.par.gpus) if self.par.expert_parallel else batch
 
     def _hidden_allreduce_s(self, batch: int) -> float:
-        return self._allreduce(batch * self.model.hidden_size * 2, self.par.tp)
+        """The all-reduce of the step's B x H bf16 hidden states over the tensor-parallel ranks."""
+        return self._batch(batch)["allreduce"]
 
     def expert_time_s(self) -> float:
-        """Memory-bound time of one more distinct expert in a decode MoE layer (on one rank)."""
-        return expert_stream_s(self.model.expert_bytes / self.par.tp, self.moe_params)
+        """Time of one more distinct expert in a decode MoE layer on one rank (`expert_stream_s`)."""
+        m = self.model
+        return expert_stream_s(m.hidden_size, m.expert_intermediate_size / self.par.tp, m.weight_bytes, self.moe_params)
 
     def padded(self, expert_tokens: np.ndarray, block_m: int | None = None) -> np.ndarray:
         """Each expert's tokens rounded up to the tile rows (`block_m`, default the MoE kernel's);
@@ -163,9 +179,9 @@ class Roofline:
         """Router and shared-expert GEMMs of one MoE layer on one rank (not overlapped with the routed experts)."""
         m, tp = self.model, self.par.tp
         t = self._gemm(tokens, m.num_experts, m.hidden_size)  # the router, replicated
-        if m.shared_intermediate_size:
-            t += self._gemm(tokens, 2 * m.shared_intermediate_size / tp, m.hidden_size)
-            t += self._gemm(tokens, m.hidden_size, m.shared_intermediate_size / tp)
+        if m.shared_intermediate_size:  # at the experts' weight width (ModelSpec.shared_expert_bytes)
+            t += self._gemm(tokens, 2 * m.shared_intermediate_size / tp, m.hidden_size, m.weight_bytes)
+            t += self._gemm(tokens, m.hidden_size, m.shared_intermediate_size / tp, m.weight_bytes)
         return t
 
     def _moe_parts(self, expert_tokens: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -179,7 +195,7 @@ class Roofline:
         if m.num_experts % g:
             raise ValueError(f"parallel.gpus={g} must divide num_experts={m.num_experts} under expert parallelism")
         per_rank = expert_tokens.reshape(L, g, m.num_experts // g)  # [L, g, E/g]
-        compute = np.stack([self.routed_experts_s(per_rank[:, r]) for r in range(g)], -1)  # [L, g]
+        compute = self.routed_experts_s(per_rank)  # [L, g]: each rank's experts
         compute = compute + self._batch(batch)["moe_side"]
         received = per_rank.sum(-1) * (g - 1) / g * m.hidden_size * 2  # [L, g] bytes from other ranks
         comm = 2 * (received / self.link + self.lat)  # dispatch + combine all-to-alls
@@ -234,23 +250,43 @@ class Roofline:
         heads, kv_heads, hd = self._kernel_heads()
         return self._gemm(tokens, (heads + 2 * kv_heads) * hd, H) + self._gemm(tokens, H, heads * hd)
 
+    def _prefill_heads(self) -> tuple[float, float, float]:
+        """(query heads, KV heads, head width) of the prefill kernel on one rank: GQA's as decode.
+        MLA's prefill decompresses the latent and runs multi-head attention, qk width head_dim and
+        v width v_head_dim: 2 h (qk + v) FLOPs per pair, a width of (qk + v) / 2, over the cached
+        latent (KV heads chosen so that the KV bytes are the latent's)."""
+        a, tp = self.model.attention, self.par.tp
+        if a["kind"] != "mla":
+            return self._kernel_heads()
+        width = (a["head_dim"] + a["v_head_dim"]) / 2
+        return a["num_heads"] / tp, (a["kv_lora_rank"] + a["qk_rope_head_dim"]) / (2 * width), width
+
+    def _on_rank(self, seqs: int) -> float:
+        """Sequences of `seqs` that the busiest rank attends for: all under TP, ceil(seqs / gpus)
+        under EP's data-parallel attention (a sequence stays whole on one rank)."""
+        return float(-(-seqs // self.par.gpus)) if self.par.expert_parallel else float(seqs)
+
     def attention_s(self, batch: int, context_tokens: int, prefill: PrefillWork | None = None) -> float:
         """All layers' attention for a step of `batch` tokens: the decode sequences (batch minus
         the prefill tokens) read `context_tokens` cached KV entries in total; `prefill`, a serving
         step's chunks. Per rank: 1/tp of the weights and query heads and its KV heads
-        (`kv_bytes_per_token_rank`), or under EP 1/gpus of the sequences."""
+        (`kv_bytes_per_token_rank`), or under EP the busiest rank's share of whole sequences
+        (their average sizes). A mixed step is one kernel call: one floor per layer."""
         m = self.model
-        share = self._tokens_per_rank(batch) / batch
-        heads, kv_heads, width = self._kernel_heads()
         decode_seqs = batch - (prefill.tokens if prefill else 0)
         t = self._batch(batch)["projections"]
         if decode_seqs:
-            t += float(attention_decode_s(context_tokens * share, heads, kv_heads, width, KV_CACHE_BYTES,
-                                          self.attn_decode, batch=max(decode_seqs * share, 1.0)))
+            heads, kv_heads, width = self._kernel_heads()
+            seqs = self._on_rank(decode_seqs)
+            t += float(attention_decode_s(context_tokens * (seqs / decode_seqs), heads, kv_heads, width,
+                                          KV_CACHE_BYTES, self.attn_decode, batch=seqs))
         if prefill is not None and prefill.tokens:
+            heads, kv_heads, width = self._prefill_heads()
+            share = self._on_rank(prefill.seqs) / prefill.seqs
+            p = self._attn_prefill_joined if decode_seqs else self.attn_prefill
             t += float(attention_kernel_s((prefill.cached + prefill.tokens) * share, prefill.pairs * share,
                                           prefill.seqs * share, heads, kv_heads, width, KV_CACHE_BYTES,
-                                          self.attn_prefill, query_tokens=prefill.tokens * share))
+                                          p, query_tokens=prefill.tokens * share))
         return (t + self._hidden_allreduce_s(batch)) * m.num_layers
 
     def _batch(self, batch: int) -> dict:
@@ -264,6 +300,7 @@ class Roofline:
                 I = m.dense_intermediate_size / tp
                 dense = self._gemm(local, 2 * I, m.hidden_size) + self._gemm(local, m.hidden_size, I)
             got = {"projections": self._projections_s(local), "dense_ffn": dense,
+                   "allreduce": self._allreduce(batch * m.hidden_size * 2, tp),
                    "lm_head": self._gemm(local, m.vocab_size / tp, m.hidden_size),
                    "moe_side": self._moe_side_s(batch if not self.par.expert_parallel else local)}
             if len(self._batch_terms) > 4096:
@@ -327,9 +364,15 @@ class Roofline:
                        f"yaml, assumed unless measured ({', '.join(hw.assumed) or 'none'} assumed)")
         else:
             out += [f"{c} priced uncalibrated (calibration {cal.path} does not fit it)" for c in cal.missing]
-            if m.weight_bytes != FIT_WEIGHT_BYTES or m.dense_weight_bytes != FIT_WEIGHT_BYTES:
-                out.append(f"weights of {m.weight_bytes:g} (experts) / {m.dense_weight_bytes:g} (dense) bytes priced "
-                           "with the bf16 fit's efficiencies on the peak of the MMA they run on")
+            if m.weight_bytes == 1 and "fp8_block" in cal.moe_by_dtype:
+                out.append("fp8 experts priced with the fitted block-scaled fp8 MoE kernel (per-tensor fp8 runs "
+                           "another kernel)")
+            elif m.weight_bytes != FIT_WEIGHT_BYTES:
+                out.append(f"experts of {m.weight_bytes:g} bytes per weight priced with the bf16 MoE fit's "
+                           "efficiencies on the peak of the MMA they run on (no fit for that format)")
+            if m.dense_weight_bytes != FIT_WEIGHT_BYTES:
+                out.append(f"dense weights of {m.dense_weight_bytes:g} bytes priced with the bf16 GEMM fit's "
+                           "efficiencies on the peak of the MMA they run on")
             if self.par.tp > 1 and cal.allreduce is not None and str(self.par.tp) not in cal.allreduce.latency_us:
                 out.append(f"all-reduce over {self.par.tp} GPUs: not fitted, ring model with interconnect_gbps and "
                            "collective_latency_us (assumed)")
@@ -337,7 +380,7 @@ class Roofline:
             out.append("MLA attention priced as a GQA kernel over its latent, its projections as one GEMM")
         if self.par.expert_parallel:
             out.append("expert-parallel all-to-all: interconnect_gbps (datasheet) and collective_latency_us (assumed)")
-        if self.par.tp > 1 and (cal is None or cal.allreduce is None):
+        if self.par.tp > 1 and cal is None:
             out.append("tensor-parallel all-reduce: ring model with interconnect_gbps and collective_latency_us (assumed)")
         out.append(f"step overhead {hw.step_overhead_us:g} us (CPU scheduling) assumed")
         out.append("not modelled: overlap of communication, or of shared experts and router, with the routed experts")

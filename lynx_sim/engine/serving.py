@@ -28,6 +28,15 @@ from .request import Request
 from .scheduler import Scheduler
 
 
+def attention_work(plan: list[tuple[Request, int]]) -> tuple[int, PrefillWork | None]:
+    """What one iteration's attention reads: the KV entries of its decode sequences (each reads its
+    cached rows and the new one), and its prefill chunks (n new rows after c cached ones each)."""
+    chunks = [(req, n) for req, n in plan if req.in_prefill]
+    prefill = PrefillWork(len(chunks), sum(n for _, n in chunks), sum(req.computed for req, _ in chunks),
+                          sum(req.attention_pairs(n) for req, n in chunks)) if chunks else None
+    return sum(req.computed + n for req, n in plan if not req.in_prefill), prefill
+
+
 def assemble(plan: list[tuple[Request, int]], fill_missing_logits: bool, num_experts: int):
     """Routing of one iteration's tokens [L, T, ...] and what the roofline needs besides."""
     idx = [(req, req.segment(n)) for req, n in plan]
@@ -43,10 +52,8 @@ def assemble(plan: list[tuple[Request, int]], fill_missing_logits: bool, num_exp
     z_t = t(logits) if logits is not None else (fill_logits(ids_t, w_t, num_experts) if filled else None)
     batch = BatchRouting(ids_t, w_t, z_t, decode=torch.from_numpy(decode), ids_ordered=first.meta.ids_ordered,
                          logits_filled=filled)
-    chunks = [(req, n) for req, n in plan if req.in_prefill]
-    prefill = PrefillWork(len(chunks), sum(n for _, n in chunks), sum(req.computed for req, _ in chunks),
-                          sum(req.attention_pairs(n) for req, n in chunks)) if chunks else None
-    info = {"decode_kv": sum(req.computed + n for req, n in plan if not req.in_prefill), "prefill": prefill,
+    decode_kv, prefill = attention_work(plan)
+    info = {"decode_kv": decode_kv, "prefill": prefill,
             "lm_tokens": sum(1 for req, n in plan if req.computed + n - req.prompt + 1 > req.emitted),
             "decode_tokens": int(decode.sum()), "prefill_tokens": int((~decode).sum())}
     return batch, info

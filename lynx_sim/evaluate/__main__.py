@@ -52,7 +52,10 @@ def build_policy_for(model, name: str, conf_model: str | None = None, sets: list
         raise ValueError(f"--conf-model: no default for model_type {model.config.model_type!r}; name a conf/model entry")
     cfg = compose([f"model={conf_model}", f"policy={name}", f"hardware={hardware}", *[f"policy.{kv}" for kv in sets]])
     spec = RouterSpec.from_meta(meta)
-    expert_time_s = expert_stream_s(expert_bytes(model), moe_params(HardwareSpec.from_cfg(cfg.hardware), 2))
+    H = model.config.hidden_size
+    wb = next(p.element_size() for n, p in model.named_parameters() if "experts" in n)
+    inter = expert_bytes(model) / (3 * H * wb)  # gate, up and down projections [H, I] each
+    expert_time_s = expert_stream_s(H, inter, wb, moe_params(HardwareSpec.from_cfg(cfg.hardware), wb))
     policy = build_policy(cfg.policy, SimpleNamespace(router=spec), expert_time_s=expert_time_s)
     if policy.needs_profile:
         if profile is None:
