@@ -22,14 +22,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lynx_sim.cost import HardwareSpec, Roofline
 from lynx_sim.engine.replay import ClosedLoopReplay
-from lynx_sim.model import ModelSpec
-from lynx_sim.policies import BatchRouting, build_policy
-from lynx_sim.policies.routing_profile import RoutingProfile
+from lynx_sim.policies import BatchRouting
 from lynx_sim.policies.vanilla import Vanilla
-from lynx_sim.run import missing_logits
-from lynx_sim.traces.source import build_source
+from lynx_sim.setup import prepare
 
 from . import calibrate
 from .device import choose, versions
@@ -47,7 +43,7 @@ def _lynx_on_kernels(policy) -> bool:
 def run(cfg, out_dir: str | Path) -> dict:
     t0 = time.perf_counter()
     ex = cfg.executor
-    _check(ex)
+    _check(cfg)
     dev = choose(str(ex.device))
     import torch
 
@@ -56,15 +52,8 @@ def run(cfg, out_dir: str | Path) -> dict:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, hw = ModelSpec.from_cfg(cfg.model), HardwareSpec.from_cfg(cfg.hardware)
-    cost = Roofline(model, hw)
-    source = build_source(cfg, model)
-    policy = build_policy(cfg.policy, model, expert_time_s=cost.expert_time_s())
-    approximations: list[str] = []
-    fill = missing_logits(cfg, policy, source, approximations)  # approximate_missing=lowest_bin, as the simulator
-    policy.check_available(source.fields | ({"logits"} if fill else set()), source.name)
-    if policy.needs_profile:
-        policy.prepare(RoutingProfile.from_source(source))
+    setup = prepare(cfg, check=False)  # as the simulator builds it: trace, policy (profile learned), stand-in logits
+    model, hw, cost, source, policy, fill = setup.model, setup.hw, setup.base_cost, setup.source, setup.policy, setup.fill
     vanilla = Vanilla(model.router)
     B, E, k, L = int(cfg.batch), model.num_experts, model.top_k, model.num_moe_layers
     steps = int(ex.steps)
@@ -128,7 +117,7 @@ def run(cfg, out_dir: str | Path) -> dict:
     table = pd.DataFrame(rows)
     table.to_csv(out_dir / "measurements.csv", index=False)
     summary = _summary(cfg, dev, model, policy, table, H, I, copies, layers, mismatches, check_err, on_kernels)
-    summary["notes"] += approximations
+    summary["notes"] += setup.approximations
     family = hw.name.split("_")[0].lower()
     if not cpu and family not in dev.name.lower().replace(" ", ""):
         summary["notes"].append(f"hardware={hw.name} but the GPU is {dev.name}: predictions and the calibration use "
@@ -140,8 +129,11 @@ def run(cfg, out_dir: str | Path) -> dict:
     return summary
 
 
-def _check(ex) -> None:
+def _check(cfg) -> None:
     """The executor's settings, named when wrong (before a GPU minute is spent)."""
+    ex = cfg.executor
+    if (cfg.get("parallel") or {}).get("gpus", 1) != 1:
+        raise ValueError(f"parallel.gpus: expected 1 (the executor times each layer on one GPU), found {cfg.parallel.gpus!r}")
     if str(ex.dtype) not in ("bfloat16", "float16"):
         raise ValueError(f"executor.dtype: expected bfloat16 or float16 (the kernels' dtypes), found {ex.dtype!r}")
     for key, low in (("steps", 1), ("repeats", 1), ("warmup", 0), ("cpu_hidden", 1), ("cpu_intermediate", 1)):

@@ -17,8 +17,8 @@ from lynx_sim.engine.replay import ClosedLoopReplay
 from lynx_sim.model import ModelSpec
 from lynx_sim.traces import write_trace
 from lynx_sim.traces.reader import Trace
-from lynx_sim.traces.source import FileSource, RowStream, phase_rows
-from lynx_sim.traces.synth import CHUNK_TOKENS, SynthParams, SyntheticTrace
+from lynx_sim.traces.source import FileSource, RowStream, SynthSource, phase_rows
+from lynx_sim.traces.synth import CHUNK_TOKENS, SynthParams
 
 
 def whole_request_replay(src, B: int, steps: int, seed: int):
@@ -27,7 +27,7 @@ def whole_request_replay(src, B: int, steps: int, seed: int):
     starts at a random offset drawn at its admission."""
     rng, R = np.random.default_rng(seed), src.num_requests
     nxt = reused = 0
-    prefill_only = isinstance(src, FileSource) and not (src.trace.phase == 1).any()  # its prompt rows are replayed
+    prefill_only = not src.decode_routing  # its prompt rows are replayed
 
     def admit():
         nonlocal nxt, reused
@@ -58,9 +58,7 @@ def whole_request_replay(src, B: int, steps: int, seed: int):
 def synth(model="olmoe_1b_7b", seed=3, requests=None, **preset):
     cfg = compose_cfg([f"model={model}", "trace=synth"])
     p = SynthParams.from_cfg({**SynthParams.from_cfg(cfg.synth).__dict__, **preset})
-    gen = SyntheticTrace(ModelSpec.from_cfg(cfg.model), p, seed)
-    gen.num_requests = requests  # None: endless; a number: the replay reuses requests past it
-    return gen
+    return SynthSource(ModelSpec.from_cfg(cfg.model), p, seed, num_requests=requests)  # a number: reused past it
 
 
 def file_source(tmp_path, lengths, block_bytes=700, prefill_only=False):

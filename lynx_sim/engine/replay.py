@@ -33,7 +33,7 @@ import torch
 
 from ..policies.approximate import fill_logits
 from ..policies.base import BatchRouting
-from ..traces.source import RowStream
+from ..traces.source import RowStream, Source
 from ..traces.synth import CHUNK_TOKENS
 
 ROWS = ("ids", "weights", "logits", "position")  # what a step takes of each row
@@ -53,7 +53,7 @@ class Slot:
 
 
 class ClosedLoopReplay:
-    def __init__(self, source, batch: int, rng: np.random.Generator, max_empty: int = 1000,
+    def __init__(self, source: Source, batch: int, rng: np.random.Generator, max_empty: int = 1000,
                  fill_missing_logits: bool = False, horizon: int | None = None, window_bytes: int = 4194304,
                  stream_bytes: int = 67108864):
         if batch < 1:
@@ -63,8 +63,7 @@ class ClosedLoopReplay:
         self.fill_missing_logits = fill_missing_logits  # stand-in logits for traces without them
         self.next_request = 0
         self.reused = 0  # admissions that replay a request already used
-        trace = getattr(source, "trace", None)  # file sources expose their Trace
-        self.prefill_as_decode = trace is not None and not (trace.phase == 1).any()
+        self.prefill_as_decode = not source.decode_routing  # a prefill recording: its prompt rows are replayed
         row_bytes = m.num_layers * (12 * m.top_k + 4 * m.num_experts)  # ids, weights and logits as replayed
         self._read_rows = max(CHUNK_TOKENS, stream_bytes // (batch * row_bytes))
         self.slots = [self._admit() for _ in range(batch)]

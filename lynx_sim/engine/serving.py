@@ -10,10 +10,13 @@ Disaggregated mode: a prefill node runs prompts only (all-prefill iterations, sa
 parallel layout as the decode node) and hands each request on after its first token; its KV
 cache crosses a link of `serving.kv_transfer_gbps` (transfers do not contend: not modelled)
 and the decode node admits it as a decoding request.
+
+`run_serving` is the driver lynx_sim/run.py calls for workload=closed|poisson|trace.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -21,11 +24,15 @@ import simpy
 import torch
 
 from ..cost.roofline import PrefillWork, Roofline
+from ..metrics.console import progress
+from ..metrics.serving import ServingRecorder
 from ..policies.approximate import fill_logits
 from ..policies.base import BatchRouting, Policy
-from ..metrics.serving import ServingRecorder
+from ..policies.vanilla import Vanilla
+from ..schema import validate
 from .request import Request
-from .scheduler import Scheduler
+from .scheduler import Scheduler, SchedulerConfig
+from .workload import RequestFactory, arrival_times
 
 
 def attention_work(plan: list[tuple[Request, int]]) -> tuple[int, PrefillWork | None]:
@@ -102,14 +109,23 @@ class EngineNode:
 
 
 class Cluster:
-    """Arrivals feeding one node, or a prefill node then a decode node (disaggregated)."""
+    """Arrivals feeding one node, or a prefill node then a decode node (disaggregated); the
+    cluster builds its nodes from one scheduler config, policy and cost model."""
 
-    def __init__(self, env, make_node, factory_make, arrivals, requests, total: int, concurrency: int,
-                 recorder: ServingRecorder, disaggregated: bool = False, transfer_s=None, progress=None):
+    def __init__(self, env, factory: RequestFactory, policy: Policy, cost: Roofline, sched: SchedulerConfig,
+                 recorder: ServingRecorder, arrivals, requests, total: int, concurrency: int, fill_missing_logits=False,
+                 disaggregated: bool = False, transfer_s=None, progress=None):
         self.env, self.recorder, self.total, self.progress = env, recorder, total, progress
-        self.make, self.submitted, self.finished = factory_make, 0, 0
-        self.decode = make_node("decode", self._finish, False)
-        self.prefill = make_node("prefill", self._handoff, True) if disaggregated else None
+        self.make, self.submitted, self.finished = factory.make, 0, 0
+
+        def node(name, on_leave, sc, prefill_only=False):
+            return EngineNode(env, name, Scheduler(sc, factory.load), policy, cost, recorder, on_leave,
+                              fill_missing_logits, leave_after_first=prefill_only)
+
+        self.decode = node("decode", self._finish, sched)
+        # the prefill node's sequences leave after their first token: its limit is the token budget
+        self.prefill = (node("prefill", self._handoff, replace(sched, max_seqs=max(sched.max_tokens, 1)), True)
+                        if disaggregated else None)
         self.transfer_s = transfer_s
         self.entry = self.prefill or self.decode
         self.closed = arrivals is None
@@ -152,3 +168,71 @@ class Cluster:
     def _transfer(self, req: Request):
         yield self.env.timeout(self.transfer_s(req))
         self.decode.submit(req)
+
+
+def run_serving(cfg, s, quiet: bool = False) -> tuple[dict, dict]:
+    """workload=closed|poisson|trace from a RunSetup `s` (lynx_sim/setup.py): the serving engine once
+    with the policy and once with vanilla (unless serving.compare_vanilla=false; its batches
+    differ); the summary's figures and the output tables, approximations and assumptions added to `s`."""
+    sv, policy = cfg.serving, s.policy
+    factory = RequestFactory(s.source)
+    if not s.source.decode_routing:
+        raise ValueError(f"{s.source.name}: workload={cfg.workload.kind} needs output (decode) tokens to serve, and "
+                         f"this trace has only prompt tokens; use workload=decode to replay them as decode steps")
+    if factory.num_requests is not None and not sv.chunked_prefill:
+        validate(cfg, longest_request=factory.longest_request())  # the token budget against the file's requests
+    capacity = int(sv.kv_capacity_tokens) if sv.get("kv_capacity_tokens") else s.mem.kv_capacity_tokens
+    sched = SchedulerConfig(max_seqs=int(cfg.batch), max_tokens=int(sv.max_num_batched_tokens),
+                            kv_capacity_tokens=capacity, block_tokens=int(sv.kv_block_tokens),
+                            chunked_prefill=bool(sv.chunked_prefill))
+    slo = cfg.get("slo") or {}
+    runs = [(policy, s.cost)]
+    if sv.get("compare_vanilla", True) and policy.name != "vanilla":
+        runs.append((Vanilla(s.model.router), s.base_cost))
+    out, tables = {}, {"per_layer": {}, "requests": {}}
+    for pol, cost in runs:
+        rec = serve(cfg, s.model, s.hw, factory, pol, cost, sched, s.fill, quiet)
+        summ = rec.summary(slo.get("tpot_ms"), slo.get("ttft_ms"))
+        label = "vanilla" if pol is not policy else policy.name
+        tables["requests"][label] = rec.request_table()
+        tables["per_layer"][label] = summ["per_layer_distinct_experts_decode"]
+        if pol is policy:
+            out.update(summ)
+            tables["steps"], tables["requests_main"] = rec.step_table(), rec.request_table()
+        else:
+            out["vanilla_run"] = {k: summ[k] for k in ("ttft_ms", "tpot_ms", "e2e_ms", "throughput_tok_s", "goodput_tok_s",
+                                                       "slo_attainment", "step_time_ms_mean", "distinct_experts_decode",
+                                                       "preemptions", "duration_s")}
+    if "vanilla_run" in out:
+        v = out["vanilla_run"]
+        out["tpot_speedup"] = _ratio(v["tpot_ms"]["mean"], out["tpot_ms"]["mean"])
+        out["throughput_speedup"] = _ratio(out["throughput_tok_s"], v["throughput_tok_s"])
+    if factory.stand_in_prompts:
+        s.approximations.append(f"{factory.stand_in_prompts} requests have no recorded prompt routing: their decode "
+                                "rows stand in for the prompt's")
+    if factory.reused:
+        s.approximations.append(f"trace ran out of requests: {factory.reused} arrivals replay a used one")
+    if sv.get("kv_capacity_tokens"):
+        s.assumptions.append(f"KV capacity set by hand: {capacity} tokens (memory plan: {s.mem.kv_capacity_tokens})")
+    if sv.disaggregated:
+        s.assumptions.append("disaggregated: KV transfers do not contend for the link")
+    return out, tables
+
+
+def _ratio(a, b):
+    return float(a / b) if a and b else None
+
+
+def serve(cfg, model, hw, factory, policy, cost, sched: SchedulerConfig, fill: bool, quiet: bool) -> ServingRecorder:
+    """One serving simulation; returns its recorder."""
+    w, sv = cfg.workload, cfg.serving
+    times, requests = arrival_times(w, factory, np.random.default_rng([int(cfg.seed), 2]))
+    env = simpy.Environment()
+    rec = ServingRecorder(model.num_moe_layers, hw.hbm_bandwidth_gbps * 1e9)
+    kv_link, kv_token = float(sv.kv_transfer_gbps) * 1e9, cost.kv_bytes_per_token() * model.num_layers
+    with progress(quiet, int(w.num_requests), f"requests ({policy.name})") as bar:
+        Cluster(env, factory, policy, cost, sched, rec, times, requests, int(w.num_requests),
+                int(w.get("concurrency") or cfg.batch), fill, disaggregated=bool(sv.disaggregated),
+                transfer_s=lambda req: req.computed * kv_token / kv_link, progress=bar)
+        env.run()
+    return rec

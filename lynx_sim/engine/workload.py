@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..schema import MAX_SPAN_S, ConfigError
+from ..traces.source import Source
 from ..traces.writer import TraceArrays
 from .request import Request
 
@@ -24,9 +25,8 @@ KINDS = ("decode", "closed", "poisson", "trace")
 class RequestFactory:
     """Builds `Request`s of trace request r and loads their rows on demand (memory flat)."""
 
-    def __init__(self, source):
+    def __init__(self, source: Source):
         self.source = source
-        self.trace = getattr(source, "trace", None)
         self.stand_in_prompts = 0  # requests whose prompt routing is borrowed from their decode rows
         self.reused = 0
 
@@ -34,19 +34,15 @@ class RequestFactory:
     def num_requests(self) -> int | None:
         return self.source.num_requests
 
-    def _file_lengths(self, r: int) -> tuple[int, int]:
-        a, b = int(self.trace.request_offsets[r]), int(self.trace.request_offsets[r + 1])
-        phase, pos = self.trace.phase[a:b], self.trace.position[a:b]
-        out = int((phase == 1).sum())
-        prompt = int((phase == 0).sum())
-        if prompt == 0 and out:
-            prompt = int(pos[phase == 1][0])  # decode-only recording: the prompt length is where decode starts
-        return max(prompt, 1), out
+    def _lengths(self, r: int) -> tuple[int, int]:
+        """(prompt, output) tokens of trace request r; a prompt of at least one token."""
+        P, O = self.source.lengths(r)
+        return max(P, 1), O
 
     def longest_request(self) -> int:
         """The most tokens one request of the file holds in the KV cache, prompt + output - 1
         (a preempted request recomputes that many at once)."""
-        return max((sum(self._file_lengths(r)) - 1 for r in range(self.num_requests)), default=0)
+        return max((sum(self._lengths(r)) - 1 for r in range(self.num_requests)), default=0)
 
     def make(self, rid: int, arrival_s: float, r: int | None = None) -> Request | None:
         """Request number `rid` replaying trace request `r` (default: rid, wrapping); None when
@@ -57,10 +53,7 @@ class RequestFactory:
             if r >= R:
                 self.reused += 1
             r %= R
-            P, O = self._file_lengths(r)
-        else:
-            P, O = self.source.lengths(r)
-            P = max(P, 1)
+        P, O = self._lengths(r)
         if O < 1:
             return None
         return Request(rid=rid, trace_request=r, arrival_s=arrival_s, prompt=P, output=O)
@@ -94,12 +87,10 @@ def arrival_times(workload, factory: RequestFactory, rng: np.random.Generator) -
             raise ValueError(f"workload.rate_rps: expected a rate > 0 requests/s, found {workload.rate_rps!r}")
         return np.cumsum(rng.exponential(1.0 / rate, n)), None
     if kind == "trace":
-        trace = factory.trace
-        if trace is None or trace.arrival_s is None:
-            where = "the synthetic generator" if trace is None else str(trace.path)
-            raise ValueError(f"workload=trace: {where} has no field 'arrival_s' (arrival time of each request); "
-                             f"use workload=poisson or closed, or a trace recorded with arrival times")
-        starts = np.asarray(trace.arrival_s[trace.request_offsets[:-1]], dtype=np.float64)
+        starts = factory.source.request_arrivals()
+        if starts is None:
+            raise ValueError(f"workload=trace: {factory.source.name} has no field 'arrival_s' (arrival time of each "
+                             f"request); use workload=poisson or closed, or a trace recorded with arrival times")
         order = np.argsort(starts, kind="stable")
         starts = starts[order] - starts.min()
         gap = float(np.diff(starts).mean()) if len(starts) > 1 else 1.0

@@ -8,9 +8,13 @@ generator's requests 1,000,000 onwards (held out), else the first requests of th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from ..traces.source import Source
 
 HELD_OUT_OFFSET = 1_000_000
 
@@ -43,7 +47,9 @@ class RoutingProfile:
         return w / w.sum(-1, keepdim=True).clamp_min(1e-30)
 
     @classmethod
-    def from_source(cls, source, max_tokens: int = 4096) -> "RoutingProfile":
+    def from_source(cls, source: Source, max_tokens: int = 4096) -> "RoutingProfile":
+        """From `source`'s requests (`Source.request`): held out, past HELD_OUT_OFFSET, when the
+        source is endless (num_requests None: the generator), else its first requests."""
         R = source.num_requests
         held_out = R is None
         parts, total, r = [], 0, 0
