@@ -61,11 +61,11 @@ def child(batch: int, steps: int, before: bool) -> dict:
     torch.set_num_threads(1)
     from lynx_sim import run as run_module
     from lynx_sim.config import compose
-    from lynx_sim.engine import simulator
-    from lynx_sim.metrics.recorder import StepRecorder
+    from lynx_sim.engine import decode
+    from lynx_sim.metrics.decode_recorder import StepRecorder
 
     if before:
-        simulator.ClosedLoopReplay = replay_before()  # the decode driver's replay
+        decode.ClosedLoopReplay = replay_before()  # the decode driver's replay
     stamps, digest, on_step = [], hashlib.sha256(), StepRecorder.on_step
 
     def timed(self, now, step, B, context, sel, c, base, cb):

@@ -93,7 +93,7 @@ def sparse_trace(path: Path) -> int:
 def dense_trace(path: Path, megabytes: int) -> int:
     """A valid trace of about `megabytes` MB of float16 logits (Qwen3-30B-A3B's shape)."""
     from lynx_sim.traces import TraceMeta, TraceWriter
-    from lynx_sim.traces.writer import TraceArrays
+    from lynx_sim.traces.arrays import TraceArrays
 
     L, E, k, rows = 48, 128, 8, 512
     meta = TraceMeta(model="dense", num_experts=E, top_k=k, moe_layers=tuple(range(L)))

@@ -1,6 +1,6 @@
 """`run(cfg)`: one simulation from a composed config. The hydra entry point wraps it; tests and
 notebooks call it directly (STYLE.md item 8). The run is built from the validated config in one
-place (lynx_sim/setup.py, shared with the executor), driven in engine/ (simulator.py: the steady
+place (lynx_sim/setup.py, shared with the executor), driven in engine/ (decode.py: the steady
 decode batch; serving.py: the serving engine), and its summary composed here. Outputs go to
 `out_dir` in one place at the end (lynx_sim/metrics/output.py): `steps.csv`, `requests.csv`
 (serving workloads), `trace.json` (Chrome trace, opens in Perfetto), `plots/*.png`,
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .engine.serving import run_serving
-from .engine.simulator import run_decode
+from .engine.decode import run_decode
 from .metrics.console import print_table
 from .metrics.output import write_run
 from .setup import prepare

@@ -20,7 +20,7 @@ OVERRIDES = ["workload.steps=12", "batch=8"]
 def golden_case(overrides=OVERRIDES) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from conftest import compose_cfg
-    from lynx_sim.metrics.recorder import StepRecorder
+    from lynx_sim.metrics.decode_recorder import StepRecorder
     from lynx_sim.run import run
 
     digest = hashlib.sha256()

@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers", reason="transformers not inst
 
 from conftest import compose_cfg  # noqa: E402
 from lynx_sim.traces import open_trace  # noqa: E402
-from lynx_sim.traces.record import RouterTap, assemble, record  # noqa: E402
+from lynx_sim.traces.record import RouterTap, assemble_rows, record  # noqa: E402
 from lynx_sim.traces.format import TraceMeta  # noqa: E402
 
 COMMON = dict(experts_implementation="eager", vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -137,7 +137,7 @@ def test_recorded_routing_is_what_the_experts_received(tmp_path, family):
         assert (top[..., :1] >= z.max(-1, keepdims=True) - 1e-6).all(), "slot 0 is the top-1 logit"
 
 
-def test_assemble_drops_padding_and_stops_at_end_of_sequence():
+def test_assemble_rows_drops_padding_and_stops_at_end_of_sequence():
     """Two requests, left-padded prompts of 2 and 3 tokens, new tokens [5, 1(eos), 7] and [6, 8, 9]:
     request 0 keeps its prompt and the one new token processed before its EOS; request 1 two."""
     meta = TraceMeta(model="t", num_experts=4, top_k=1, moe_layers=(0,))
@@ -146,7 +146,7 @@ def test_assemble_drops_padding_and_stops_at_end_of_sequence():
     prefill = [torch.cat(x) for x in zip(*[row(v) for v in (90, 10, 11, 20, 21, 22)])]  # [b x S] rows, pad first
     tap.calls = [[tuple(prefill), *[tuple(torch.cat(x) for x in zip(row(30 + c), row(40 + c))) for c in range(2)]]]
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
-    a = assemble(tap, mask, torch.tensor([[5, 1, 7], [6, 8, 9]]), {1}, meta, first_request=7)
+    a = assemble_rows(tap, mask, torch.tensor([[5, 1, 7], [6, 8, 9]]), {1}, meta, first_request=7)
     assert a.request_id.tolist() == [7, 7, 7, 8, 8, 8, 8, 8]
     assert a.phase.tolist() == [0, 0, 1, 0, 0, 0, 1, 1] and a.position.tolist() == [0, 1, 2, 0, 1, 2, 3, 4]
     assert a.logits[:, 0, 0].tolist() == [10, 11, 30, 20, 21, 22, 40, 41]

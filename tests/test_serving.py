@@ -279,7 +279,7 @@ def test_serving_reproducers_are_refused_before_serving(over, key):
 
 
 def test_a_nan_slo_cannot_pass_every_request():
-    from lynx_sim.metrics.serving import ServingRecorder
+    from lynx_sim.metrics.serving_recorder import ServingRecorder
 
     with pytest.raises(ValueError, match="slo.tpot_ms"):
         ServingRecorder(2, 1e12).summary(float("nan"))

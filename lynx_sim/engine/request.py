@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..traces.writer import TraceArrays
+from ..traces.arrays import TraceArrays
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 
 from ..cost.roofline import PrefillWork, Roofline
 from ..metrics.console import progress
-from ..metrics.serving import ServingRecorder
+from ..metrics.serving_recorder import ServingRecorder
 from ..policies.approximate import fill_logits
 from ..policies.base import BatchRouting, Policy
 from ..policies.vanilla import Vanilla
@@ -44,7 +44,7 @@ def attention_work(plan: list[tuple[Request, int]]) -> tuple[int, PrefillWork | 
     return sum(req.computed + n for req, n in plan if not req.in_prefill), prefill
 
 
-def assemble(plan: list[tuple[Request, int]], fill_missing_logits: bool, num_experts: int):
+def assemble_iteration(plan: list[tuple[Request, int]], fill_missing_logits: bool, num_experts: int):
     """Routing of one iteration's tokens [L, T, ...] and what the roofline needs besides."""
     idx = [(req, req.segment(n)) for req, n in plan]
     first = plan[0][0].rows
@@ -94,7 +94,7 @@ class EngineNode:
             plan = self.sched.schedule()
             if not plan:
                 raise RuntimeError(f"{self.name} node: requests waiting but none schedulable (scheduler bug)")
-            batch, info = assemble(plan, self.fill, E)
+            batch, info = assemble_iteration(plan, self.fill, E)
             sel = self.policy.select(batch)
             c = self.cost.step(batch.num_tokens, info["decode_kv"], sel.fidelity.expert_tokens.numpy(),
                                acted=sel.acted, lm_tokens=info["lm_tokens"], prefill=info["prefill"])

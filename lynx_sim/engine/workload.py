@@ -16,7 +16,7 @@ import numpy as np
 
 from ..schema import MAX_SPAN_S, ConfigError
 from ..traces.source import Source
-from ..traces.writer import TraceArrays
+from ..traces.arrays import TraceArrays
 from .request import Request
 
 KINDS = ("decode", "closed", "poisson", "trace")

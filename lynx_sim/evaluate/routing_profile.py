@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..policies.routing_profile import RoutingProfile
-from ..traces.record import RouterTap, assemble, meta_for, pad_left
+from ..traces.record import RouterTap, assemble_rows, meta_for, pad_left
 
 
 def from_model(model, prompts: list[list[int]], *, batch_size: int, max_new_tokens: int, pad: int, eos: set[int],
@@ -27,7 +27,7 @@ def from_model(model, prompts: list[list[int]], *, batch_size: int, max_new_toke
         with RouterTap(model) as tap, torch.no_grad():
             out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=pad, use_cache=True)
-        arrays.append(assemble(tap, mask, out[:, ids.shape[1]:].cpu(), eos, meta, i0))
+        arrays.append(assemble_rows(tap, mask, out[:, ids.shape[1]:].cpu(), eos, meta, i0))
         decode_rows += int((arrays[-1].phase == 1).sum())
         if decode_rows >= max_tokens:
             break

@@ -7,6 +7,7 @@ The format's specification is `traces/FORMAT.md`; the command-line tool is
 from .errors import TraceFormatError
 from .format import FORMAT_VERSION, TraceMeta
 from .reader import Trace, open_trace
-from .writer import TraceArrays, TraceWriter, write_trace
+from .arrays import TraceArrays
+from .writer import TraceWriter, write_trace
 
 __all__ = ["FORMAT_VERSION", "Trace", "TraceArrays", "TraceFormatError", "TraceMeta", "TraceWriter", "open_trace", "write_trace"]

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .arrays import TraceArrays
 from .errors import TraceFormatError
 from .format import TraceMeta, is_int, json_found
 from .reader import os_error
 from .validate import check_arrays
-from .writer import TraceArrays, write_trace
+from .writer import write_trace
 
 # Router settings the reference schema does not record, keyed by a prefix of its "model" string.
 KNOWN_ROUTERS = {

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .arrays import TraceArrays, concat_arrays
 from .format import TraceMeta
-from .writer import TraceArrays, TraceWriter, concat_arrays
+from .writer import TraceWriter
 
 ROUTER_CLASS = re.compile(r"Top[Kk]Router$")
 LAYER = re.compile(r"layers\.(\d+)\.")
@@ -133,7 +134,7 @@ def generated_length(tokens: list[int], eos: set[int]) -> int:
     return len(tokens)
 
 
-def assemble(tap: RouterTap, attention_mask: torch.Tensor, generated: torch.Tensor, eos: set[int], meta: TraceMeta,
+def assemble_rows(tap: RouterTap, attention_mask: torch.Tensor, generated: torch.Tensor, eos: set[int], meta: TraceMeta,
              first_request: int) -> TraceArrays:
     """One generate() call's routing -> the requests' rows. attention_mask [b, S] of the (left
     padded) prompts; generated [b, n] the new tokens. Call 0 is the prefill ([b x S] rows),
@@ -189,7 +190,7 @@ def record(model, prompts: list[list[int]], out: str | Path, *, name: str, batch
                 out_ids = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
                                          do_sample=do_sample, temperature=temperature if do_sample else None,
                                          top_p=top_p if do_sample else None, pad_token_id=pad_token_id, use_cache=True)
-            part.append(assemble(tap, mask, out_ids[:, S:].cpu(), eos, meta, i0))
+            part.append(assemble_rows(tap, mask, out_ids[:, S:].cpu(), eos, meta, i0))
             rows += part[-1].num_tokens
             if rows >= chunk_tokens:
                 writer.append(concat_arrays(part))

@@ -20,7 +20,7 @@ from .errors import TraceFormatError
 from .format import TraceMeta
 from .reader import Trace
 from .synth import CHUNK_TOKENS, SynthParams, SyntheticTrace
-from .writer import TraceArrays
+from .arrays import TraceArrays
 
 FIELDS = ("ids", "weights", "logits", "arrival_s")
 

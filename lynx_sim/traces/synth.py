@@ -61,7 +61,7 @@ from ..model import ModelSpec
 from ..routing import route_exact
 from .digest import RoutingDigest
 from .format import PHASE_DECODE, PHASE_PREFILL, TraceMeta
-from .writer import TraceArrays, concat_arrays
+from .arrays import TraceArrays, concat_arrays
 
 _DIST_KEYS = {"uniform": ("min", "max"), "lognormal": ("median", "sigma", "min", "max")}
 

@@ -24,7 +24,7 @@ from .errors import TraceFormatError
 from .format import FLOAT_DTYPES, FLOAT_EPS, PHASE_DECODE, PHASE_PREFILL, TraceMeta, json_found
 
 if TYPE_CHECKING:
-    from .writer import TraceArrays
+    from .arrays import TraceArrays
 
 INT32 = np.iinfo(np.int32)
 

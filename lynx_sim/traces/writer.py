@@ -25,50 +25,19 @@ import signal
 import struct
 import threading
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from .arrays import TraceArrays
 from .format import CHECKSUM_ALGORITHM, FLOAT_DTYPES, FORMAT_NAME, FORMAT_VERSION, TraceMeta, checksums_json
 from .validate import check_arrays
 
 _TORCH_FLOAT = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _SAFETENSORS_DTYPE = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
                       torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64"}
-
-
-@dataclass
-class TraceArrays:
-    """A whole trace in memory. Rows are tokens, grouped by request, in generation order."""
-
-    meta: TraceMeta
-    request_id: np.ndarray  # [N] int
-    position: np.ndarray  # [N] int
-    phase: np.ndarray  # [N] 0 = prefill, 1 = decode
-    ids: np.ndarray  # [N, L, k] int
-    weights: np.ndarray | None = None  # [N, L, k] float
-    logits: np.ndarray | None = None  # [N, L, E] float
-    arrival_s: np.ndarray | None = None  # [N] float, same value for every token of a request
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.ids.shape[0])
-
-
-def concat_arrays(parts: list[TraceArrays]) -> TraceArrays:
-    """Requests of one meta, concatenated (optional fields kept where every part has them)."""
-    if not parts:
-        raise ValueError("concat: no requests")
-
-    def cat(name):
-        cols = [getattr(a, name) for a in parts]
-        return None if any(c is None for c in cols) else np.concatenate(cols)
-
-    return TraceArrays(meta=parts[0].meta, request_id=cat("request_id"), position=cat("position"), phase=cat("phase"),
-                       ids=cat("ids"), weights=cat("weights"), logits=cat("logits"), arrival_s=cat("arrival_s"))
 
 
 def _check_float_dtype(float_dtype: str) -> None:

@@ -15,8 +15,8 @@ import simpy
 
 from ..cost.roofline import Roofline
 from ..metrics.console import progress
-from ..metrics.recorder import StepRecorder
-from ..metrics.serving import percentiles
+from ..metrics.decode_recorder import StepRecorder
+from ..metrics.serving_recorder import percentiles
 from ..policies.base import Policy
 from ..policies.vanilla import Vanilla
 from .replay import ClosedLoopReplay

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ..policies.base import Selection
-from .recorder import _finite_or_none
+from .decode_recorder import _finite_or_none
 
 STEP_MEASURES = ("distinct_experts", "top1_retention", "gate_mass_retained", "slots_changed", "experts_per_token")
 
