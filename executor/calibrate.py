@@ -15,7 +15,6 @@ file prices the other components uncalibrated and says so.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -27,13 +26,20 @@ from lynx_sim.cost.moe_layer import MoEKernelParams, moe_load
 
 
 def moe_rows(table: pd.DataFrame, hidden: int, inter: int, num_experts: int, topk: int, dtype: str) -> pd.DataFrame:
-    """The executor's measurements (measurements.csv) as rows of the measured-MoE table schema."""
+    """The executor's measurements (measurements.csv) as rows of the measured-MoE table schema,
+    each with its checked per-expert token counts."""
+    from lynx_sim.measured.moe_fit import parse_counts
+
+    missing = sorted({"batch", "routing", "measured_us", "block_m", "expert_counts"} - set(table.columns))
+    if missing:
+        raise ValueError(f"measurements.csv: expected columns {missing}, found {list(table.columns)}")
+    counts = [parse_counts(c, num_experts, int(b), f"measurements.csv row {i}")
+              for i, (c, b) in enumerate(zip(table.expert_counts, table.batch))]
     return pd.DataFrame({
         "num_tokens": table.batch.astype(int), "hidden_size": hidden, "inter_size": inter, "topk": topk,
         "num_experts": num_experts, "moe_tp_size": 1, "moe_ep_size": 1, "dtype": dtype,
         "distribution": "executor:" + table.routing.astype(str), "latency_ms": table.measured_us / 1e3,
-        "block_m": table.block_m.astype(int),
-        "expert_counts": [np.array(list(map(int, str(c).split())), dtype=np.int64) for c in table.expert_counts],
+        "block_m": table.block_m.astype(int), "expert_counts": counts,
     })
 
 
@@ -67,8 +73,7 @@ def fit(rows: pd.DataFrame, hw, device: str, seed: int = 0) -> dict:
 
 
 def write(path: Path, record: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
-    tmp.replace(path)
-    return path
+    """Write the calibration file atomically (lynx_sim/measured/record.py's writer)."""
+    from lynx_sim.measured.record import write_record
+
+    return write_record(record, path)

@@ -111,6 +111,12 @@ def test_calibration_fit_recovers_the_kernel_and_writes_the_simulators_format(tm
     want = moe_layer_s(counts, model.hidden_size, model.expert_intermediate_size, 2, cal.calibration.moe)
     np.testing.assert_array_equal(r.routed_experts_s(counts), want)
     assert any("attention_decode priced uncalibrated" in a for a in r.assumptions())
+    bad = _executor_table(np.random.default_rng(2), 3, true)
+    bad.loc[1, "expert_counts"] = "1 x 0"
+    with pytest.raises(ValueError, match="measurements.csv row 1: expert_counts: expected a sequence of integers"):
+        calibrate.moe_rows(bad, 512, 256, 64, 8, "bfloat16")
+    with pytest.raises(ValueError, match=r"measurements.csv: expected columns \['expert_counts'\]"):
+        calibrate.moe_rows(bad.drop(columns="expert_counts"), 512, 256, 64, 8, "bfloat16")
     with pytest.raises(ValueError, match="8 or more measured layers of one tile height"):
         calibrate.fit(rows[:5], hw, "test GPU")
 

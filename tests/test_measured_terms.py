@@ -150,6 +150,31 @@ def test_predict_cli_prices_rows_with_expert_counts(tmp_path):
     want = [float(moe_layer_s(np.r_[[8] * 8, [0] * 8], 2048, 768, 2, p)) * 1e3,
             float(moe_layer_s(np.full(8, 64), 2048, 768, 2, p)) * 1e3]
     np.testing.assert_allclose(got.predicted_ms, want, rtol=1e-9)
+    # EP 2 without its own counts: vLLM's logical EP is not our layout, so the row is not priced
+    rows.loc[1, "expert_counts"] = None
+    rows.to_csv(src, index=False)
+    assert main(["predict", "--gpu", "h200", str(src), str(out), "--calibration", str(cal)]) == 0
+    got = pd.read_csv(out)
+    assert np.isfinite(got.predicted_ms[0]) and np.isnan(got.predicted_ms[1])
+
+
+def test_predict_refuses_a_bad_calibration_in_one_line(tmp_path, capsys):
+    """A missing file, a record without params, an unknown parameter: exit 2, one line naming it."""
+    moe, gemm, hw = synthetic_tables()
+    rec = _fit(moe, gemm, hw)
+    src = tmp_path / "moe.csv"
+    _moe_rows().to_csv(src, index=False)
+    bad = json.loads(json.dumps(rec))
+    bad["params"]["gemm"]["bogus"] = 1
+    broken = {"gpu": "h200"}
+    for i, (record, msg) in enumerate([(None, "No such file"), (bad, "'params.gemm': expected keys among"),
+                                       (broken, "expected a calibration record")]):
+        cal = tmp_path / f"cal{i}.json"
+        if record is not None:
+            cal.write_text(json.dumps(record))
+        assert main(["predict", "--gpu", "h200", str(src), str(tmp_path / "o.csv"), "--calibration", str(cal)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, err
 
 
 # ---------------------------------------------------------------- predict: attention and all-reduce

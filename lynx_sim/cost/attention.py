@@ -21,7 +21,7 @@ kv_heads are those on this GPU (under tensor parallelism num_heads / tp and max(
 batch (per-sequence metadata, page-table walk and the split-KV reduction grow with the batch even
 when every sequence is short); gamma in [0, 1] how little memory and compute overlap (0: the
 roofline's max, 1: they add). With fixed = attention_layer_fixed_us, seq_us = seq_head_us =
-gamma = 0, no query bytes and the hardware's factors (`AttentionParams.from_hardware`) this is today's roofline attention term
+gamma = 0, no query bytes and the hardware's factors (`AttentionParams.from_hardware`) this is the uncalibrated roofline's attention kernel term
 without the projection weights. `lynx_sim/measured/attention_fit.py` fits the parameters to NVIDIA
 AIConfigurator's measured vLLM attention tables.
 """
@@ -49,7 +49,7 @@ class AttentionParams:
 
     @classmethod
     def from_hardware(cls, hw) -> "AttentionParams":
-        """Today's roofline: bandwidth_efficiency, flops_efficiency on the bf16 peak,
+        """The uncalibrated roofline: bandwidth_efficiency, flops_efficiency on the bf16 peak,
         attention_layer_fixed_us, no overlap or per-sequence term."""
         return cls(hw.hbm_bandwidth_gbps * 1e9, hw.bf16_tflops * 1e12, hw.bandwidth_efficiency,
                    hw.flops_efficiency, fixed_us=hw.attention_layer_fixed_us)

@@ -38,7 +38,7 @@ class GemmParams:
 
     @classmethod
     def from_hardware(cls, hw, weight_bytes: float) -> "GemmParams":
-        """Today's roofline for dense layers: bandwidth_efficiency, flops_efficiency, no fixed cost."""
+        """The uncalibrated roofline for dense layers: bandwidth_efficiency, flops_efficiency, no fixed cost."""
         peak = hw.fp8_tflops if weight_bytes == 1 else hw.bf16_tflops
         return cls(hw.hbm_bandwidth_gbps * 1e9, peak * 1e12, hw.bandwidth_efficiency, hw.flops_efficiency)
 

@@ -22,15 +22,20 @@ CONF_MODEL = {"mixtral": "mixtral_8x7b", "qwen2_moe": "qwen2_57b_a14b", "qwen3_m
               "olmoe": "olmoe_1b_7b", "deepseek_v3": "deepseek_v3", "gpt_oss": "gpt_oss_120b"}
 
 
+def _experts_module(model):
+    """The routed-experts module of a transformers MoE model (its class name ends in Experts)."""
+    for _, mod in model.named_modules():
+        if type(mod).__name__.endswith("Experts"):
+            return mod
+    raise ValueError(f"{type(model).__name__}: no experts module (*Experts) found")
+
+
 def expert_bytes(model) -> int:
     """Bytes of one routed expert of a transformers MoE model (its experts module's parameters / E)."""
     from ..traces.record import meta_for
 
     E = meta_for(model, "model").num_experts
-    for _, mod in model.named_modules():
-        if type(mod).__name__.endswith("Experts"):
-            return sum(p.numel() * p.element_size() for p in mod.parameters()) // E
-    raise ValueError(f"{type(model).__name__}: no experts module (*Experts) found")
+    return sum(p.numel() * p.element_size() for p in _experts_module(model).parameters()) // E
 
 
 def build_policy_for(model, name: str, conf_model: str | None = None, sets: list[str] = (), profile=None,
@@ -53,7 +58,7 @@ def build_policy_for(model, name: str, conf_model: str | None = None, sets: list
     cfg = compose([f"model={conf_model}", f"policy={name}", f"hardware={hardware}", *[f"policy.{kv}" for kv in sets]])
     spec = RouterSpec.from_meta(meta)
     H = model.config.hidden_size
-    wb = next(p.element_size() for n, p in model.named_parameters() if "experts" in n)
+    wb = next(_experts_module(model).parameters()).element_size()  # bytes per expert weight
     inter = expert_bytes(model) / (3 * H * wb)  # gate, up and down projections [H, I] each
     expert_time_s = expert_stream_s(H, inter, wb, moe_params(HardwareSpec.from_cfg(cfg.hardware), wb))
     policy = build_policy(cfg.policy, SimpleNamespace(router=spec), expert_time_s=expert_time_s)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..cost.calibration import CONF_CALIBRATIONS, conf_record
+from ..cost.calibration import CONF_CALIBRATIONS, CalibrationError, CostCalibration, conf_record
 from . import fit as F
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
@@ -84,7 +84,17 @@ def fit_command(a) -> tuple[dict, Path]:
 
 def predict_command(a) -> int:
     cal = a.calibration or RESULTS / f"calibration_{a.gpu}.json"
-    record = json.loads(cal.read_text())
+    try:  # a fit record or a conf/calibration file; every parameter checked by name before pricing
+        record = json.loads(cal.read_text())
+        CostCalibration.from_dict(conf_record(record), str(cal))
+    except (OSError, ValueError) as e:
+        print(f"--calibration: {cal}: {e}" if not isinstance(e, CalibrationError) else f"--calibration: {e}",
+              file=sys.stderr)
+        return 2
+    except (KeyError, TypeError, AttributeError) as e:
+        print(f"--calibration: {cal}: expected a calibration record with gpu, date, source and params, "
+              f"found none of {e}", file=sys.stderr)
+        return 2
     if record["gpu"] != a.gpu:
         print(f"--calibration: expected a calibration of {a.gpu}, found one of {record['gpu']} ({cal})",
               file=sys.stderr)

@@ -12,7 +12,7 @@ Each table's rows are split by a seeded permutation into a fit half and a held-o
 fit half enters `scipy.optimize.least_squares` (residual log(predicted / measured), soft-L1 loss).
 Errors are |predicted / measured - 1| on the held-out half, per component (MoE decode: <=
 DECODE_TOKENS tokens; MoE larger; GEMM decode: m <= DECODE_TOKENS; GEMM larger; attention decode
-and prefill; all-reduce), beside today's uncalibrated roofline (conf/hardware/<gpu>.yaml) on the
+and prefill; all-reduce), beside the uncalibrated roofline (conf/hardware/<gpu>.yaml) on the
 same rows. Structural choices (MoE tile rows and activation traffic, GEMM split-K point, attention
 query bytes) are made by the fit-half cost, never by held-out error. Leave-one-shape-out: for each
 MoE shape (H, I, E, k) refit on the fit half without it and price all its rows; likewise for
@@ -191,7 +191,7 @@ def run_fit(gpu: str, seed: int = 0, moe: pd.DataFrame | None = None, gemm: pd.D
                   "no activation bytes, no per-block cost; GEMM: weights only, no fixed cost, no split-K). Power-law "
                   "rows priced as the mean over 5 seeded draws of the collector's routing, not its own (unseeded) "
                   f"draws. Attention: bf16 KV, window 0, head_dim 64/128, FA3, a seeded subsample of {attention_rows} "
-                  "rows per phase; uncalibrated = today's roofline attention term without projection weights "
+                  "rows per phase; uncalibrated = the roofline attention term without projection weights "
                   "(KV bytes / BW vs FLOPs / FLOP/s, + attention_layer_fixed_us); leave-one-shape-out over "
                   "(num_heads, num_kv_heads, head_dim), warm-started from the full fit. All-reduce: vllm_graph "
                   "rows, (latency, bus bandwidth) per num_gpus; uncalibrated = allreduce_s with "

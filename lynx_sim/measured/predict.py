@@ -7,7 +7,7 @@ inter_size[, moe_tp_size, moe_ep_size, distribution | expert_counts]), GEMM (m, 
 prefill), all-reduce (num_gpus and message_bytes, or message_elements and dtype). Rows outside
 what the calibration covers get NaN: MoE of a weight dtype without a fitted set (bf16: `params.moe`;
 fp8, fp8_block: `params_by_dtype`), or EP > 1 without explicit `expert_counts`;
-GEMM not bf16; attention with a KV cache not bf16, a sliding window or head_dim not 64/128;
+a component the calibration does not fit; GEMM not bf16; attention with a KV cache not bf16, a sliding window or head_dim not 64/128;
 all-reduce on a backend other than vllm_graph or a GPU count not fitted.
 """
 
@@ -25,7 +25,7 @@ from .allreduce_fit import price_allreduce
 from .attention_fit import attention_phase, price_attention
 from .gemm_fit import price_gemm
 from .moe_fit import moe_loads, price_moe
-from .select import ALLREDUCE_BACKEND, ATTN_HEAD_DIMS, has_counts
+from .select import ALLREDUCE_BACKEND, attention_shape_ok, column, has_counts
 
 
 def table_kind(df: pd.DataFrame) -> str:
@@ -43,10 +43,6 @@ def table_kind(df: pd.DataFrame) -> str:
                      f"all-reduce columns (num_gpus, message_bytes), found {list(df.columns)}")
 
 
-def _col(df: pd.DataFrame, name: str, default) -> pd.Series:
-    return df[name] if name in df else pd.Series(default, index=df.index)
-
-
 def predict(rows: pd.DataFrame, record: dict, seed: int = 0) -> pd.DataFrame:
     """`rows` with `predicted_ms` beside them (module docstring)."""
     out = rows.copy()
@@ -54,11 +50,12 @@ def predict(rows: pd.DataFrame, record: dict, seed: int = 0) -> pd.DataFrame:
     pred = np.full(len(out), np.nan)
     params = record["params"]
     if kind == "moe":
-        sets = {"bfloat16": params["moe"], **{dt: v["moe"] for dt, v in record.get("params_by_dtype", {}).items()}}
-        dtype = _col(out, "dtype", "bfloat16")
+        sets = {**({"bfloat16": params["moe"]} if params.get("moe") else {}),
+                **{dt: v["moe"] for dt, v in (record.get("params_by_dtype") or {}).items()}}
+        dtype = column(out, "dtype", "bfloat16")
         for dt, fitted in sets.items():
             p = MoEKernelParams(**fitted)
-            ok = ((dtype == dt) & ((_col(out, "moe_ep_size", 1) == 1) | has_counts(out))).to_numpy()
+            ok = ((dtype == dt) & ((column(out, "moe_ep_size", 1) == 1) | has_counts(out))).to_numpy()
             sub = out[ok].reset_index(drop=True)
             for col, default in (("moe_tp_size", 1), ("moe_ep_size", 1), ("distribution", "balanced"), ("dtype", dt)):
                 if col not in sub:
@@ -66,21 +63,20 @@ def predict(rows: pd.DataFrame, record: dict, seed: int = 0) -> pd.DataFrame:
             if len(sub):
                 pred[ok] = price_moe(sub, p, moe_loads(sub, p.block_m, seed))
     elif kind == "gemm":
-        ok = (_col(out, "dtype", "bfloat16") == "bfloat16").to_numpy()
-        if ok.any():
+        ok = (column(out, "dtype", "bfloat16") == "bfloat16").to_numpy()
+        if ok.any() and params.get("gemm") is not None:
             pred[ok] = price_gemm(out[ok], GemmParams(**params["gemm"]))
     elif kind.startswith("attention_"):
         phase = kind[len("attention_"):]
-        ok = ((_col(out, "kv_cache_dtype", "bfloat16") == "bfloat16") & (_col(out, "window_size", 0) == 0)
-              & out.head_dim.isin(ATTN_HEAD_DIMS)).to_numpy()
-        if ok.any():
+        ok = attention_shape_ok(out).to_numpy()
+        if ok.any() and params.get("attention", {}).get(phase) is not None:
             pred[ok] = price_attention(out[ok], AttentionParams(**params["attention"][phase]), phase)
-    else:
+    elif params.get("allreduce") is not None:
         p = AllReduceParams(**params["allreduce"])
         b = (out.message_bytes if "message_bytes" in out
              else out.message_elements * out["dtype"].map(DTYPE_BYTES)).to_numpy(float)
         g = out.num_gpus.to_numpy(int)
-        ok = ((_col(out, "backend", ALLREDUCE_BACKEND) == ALLREDUCE_BACKEND).to_numpy() & ~np.isnan(b)
+        ok = ((column(out, "backend", ALLREDUCE_BACKEND) == ALLREDUCE_BACKEND).to_numpy() & ~np.isnan(b)
               & np.array([gi == 1 or str(gi) in p.latency_us for gi in g], dtype=bool))
         if ok.any():
             pred[ok] = price_allreduce(pd.DataFrame({"message_bytes": b[ok], "num_gpus": g[ok]}), p)

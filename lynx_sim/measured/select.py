@@ -56,8 +56,15 @@ def has_counts(df: pd.DataFrame) -> np.ndarray:
     return np.array([v is not None and not (np.isscalar(v) and pd.isna(v)) for v in df.expert_counts], dtype=bool)
 
 
-def _col(df: pd.DataFrame, name: str, default) -> pd.Series:
+def column(df: pd.DataFrame, name: str, default) -> pd.Series:
+    """df[name], or `default` on every row for a table without that column (older versions)."""
     return df[name] if name in df else pd.Series(default, index=df.index)
+
+
+def attention_shape_ok(df: pd.DataFrame) -> pd.Series:
+    """Attention rows of the kind the term is fitted on: bf16 KV cache, no sliding window, head_dim 64 or 128."""
+    return ((column(df, "kv_cache_dtype", "bfloat16") == "bfloat16") & (column(df, "window_size", 0) == 0)
+            & df.head_dim.isin(ATTN_HEAD_DIMS))
 
 
 def main_kernel(df: pd.DataFrame) -> str | None:
@@ -116,12 +123,10 @@ def select_attention(df: pd.DataFrame, phase: str, seed: int = 0,
     (`main_kernel`: FlashAttention-3 on H100/H200, FlashAttention-2 on A100, FlashInfer TRT-LLM on
     B200), then a seeded subsample of at most `max_rows` rows. A table without `kv_cache_dtype` or
     `window_size` (older versions) is taken as bf16 KV without a window."""
-    shape_ok = ((_col(df, "kv_cache_dtype", "bfloat16") == "bfloat16") & (_col(df, "window_size", 0) == 0)
-                & df.head_dim.isin(ATTN_HEAD_DIMS))
-    kernel = main_kernel(df[shape_ok])
+    kernel = main_kernel(df[attention_shape_ok(df)])
     rows, excluded = _first_reason(df, {
-        "kv_cache_dtype not bfloat16": _col(df, "kv_cache_dtype", "bfloat16") != "bfloat16",
-        "window_size != 0 (sliding window)": _col(df, "window_size", 0) != 0,
+        "kv_cache_dtype not bfloat16": column(df, "kv_cache_dtype", "bfloat16") != "bfloat16",
+        "window_size != 0 (sliding window)": column(df, "window_size", 0) != 0,
         f"head_dim not in {ATTN_HEAD_DIMS}": ~df.head_dim.isin(ATTN_HEAD_DIMS),
         **_kernel_reason(df, kernel),
     }, f"attention_{phase}: ")

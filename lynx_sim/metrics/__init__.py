@@ -1,2 +1,3 @@
-"""Metrics: the decode step recorder (decode_recorder.py), the serving recorder (serving_recorder.py)
-and the summary they write (names defined in docs/metrics.md)."""
+"""Metrics: the decode step recorder (decode_recorder.py), the serving recorder (serving_recorder.py),
+the Chrome trace (chrome_trace.py), run plots (plots.py), output writing (output.py) and the console
+(console.py: progress bar, summary table). Summary keys are defined in docs/metrics.md."""
